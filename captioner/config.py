@@ -1,0 +1,139 @@
+"""Configuration dataclasses: the model's shape, stored in every checkpoint so loading never asks again."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from captioner.errors import ConfigError
+
+ENCODERS = ("vit", "cnn")
+SCORES = ("dot", "scaled_dot", "general", "additive")
+CNN_ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a CaptionModel with identical parameter shapes."""
+
+    encoder: str = "vit"  # "vit" (patches) or "cnn" (ResNet feature map flattened to regions)
+    image_size: int = 96  # square side the preprocessing resizes to; the synthetic world renders at this size
+    d_model: int = 128  # width D shared by encoder memory and decoder, so cross-attention needs no adapter
+    n_heads: int = 4  # heads in every attention block; d_model must divide by it
+    n_layers: int = 2  # decoder layers (masked self-attn -> cross-attn -> FFN)
+    d_ff: int = 512  # hidden width of the feed-forward blocks (4*D is the usual ratio)
+    dropout: float = 0.1  # on attention weights, residual branches and embeddings; off at eval
+    vocab_size: int = 64  # set from the Vocabulary when a run starts; the output layer is tied to the embedding
+    pad_id: int = 0  # the vocabulary's <pad> id, so the embedding can keep it at zero
+    cross_score: str = "scaled_dot"  # scoring function of decoder cross-attention: dot|scaled_dot|general|additive
+    norm_first: bool = True  # pre-LN (stable without warm-up tricks); False = post-LN as in Vaswani et al.
+    # ViT encoder
+    patch_size: int = 12  # kernel = stride of the patch embedding; image_size / patch_size = grid side
+    enc_layers: int = 2  # ViT encoder layers (pre-LN self-attention + MLP)
+    vit_pos: str = "sinusoidal"  # "sinusoidal" (any grid size) or "learned" (interpolated for other sizes)
+    cls_token: bool = False  # prepend a learned CLS slot; it is dropped from the memory the decoder sees
+    vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, local weights only)
+    # CNN encoder
+    cnn_arch: str = "resnet18"  # torchvision ResNet whose last feature map becomes the region sequence
+    cnn_stride: int = 16  # 32 = all four stages; 16 drops layer4 so small images still give a useful grid
+    pretrained: bool = False  # start the backbone from torchvision ImageNet weights (cache or backbone_weights)
+    backbone_weights: str | None = None  # local state-dict file for the backbone; never downloaded
+    freeze_backbone: bool = False  # keep backbone weights fixed (decided here, applied once in the encoder)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values that could not build a model, naming the allowed range."""
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.cross_score not in SCORES:
+            raise ConfigError(f"cross_score must be one of {', '.join(SCORES)}, got {self.cross_score!r}")
+        if self.cnn_arch not in CNN_ARCHS:
+            raise ConfigError(f"cnn_arch must be one of {', '.join(CNN_ARCHS)}, got {self.cnn_arch!r}")
+        if self.cnn_stride not in (16, 32):
+            raise ConfigError(f"cnn_stride must be 16 or 32, got {self.cnn_stride}")
+        if self.vit_pos not in ("sinusoidal", "learned"):
+            raise ConfigError(f"vit_pos must be sinusoidal or learned, got {self.vit_pos!r}")
+        if self.vit_backbone not in ("ours", "vit_b_16"):
+            raise ConfigError(f"vit_backbone must be ours or vit_b_16, got {self.vit_backbone!r}")
+        for name in ("image_size", "d_model", "n_heads", "n_layers", "d_ff", "vocab_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.enc_layers < 0:
+            raise ConfigError(f"enc_layers must be >= 0, got {self.enc_layers}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.encoder == "vit" and self.vit_backbone == "ours" and self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild from `to_dict` output; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+# Presets: `tiny` trains in minutes on a laptop CPU; `small` and `base` are for real datasets on a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, n_heads=4, n_layers=2, d_ff=512, enc_layers=2),
+    "small": dict(d_model=256, n_heads=4, n_layers=3, d_ff=1024, enc_layers=4),
+    "base": dict(d_model=512, n_heads=8, n_layers=6, d_ff=2048, enc_layers=6, image_size=224, patch_size=16),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a named preset, with any field overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run; stored in the run directory so a resume repeats them exactly."""
+
+    preset: str = "tiny"
+    encoder: str = "vit"
+    data: str | None = None  # None = the built-in synthetic world
+    images: str | None = None  # image folder for datasets whose annotations hold relative paths
+    format: str = "auto"
+    epochs: int = 12
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs when set)
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW decay on weight matrices only; norms and biases are exempt
+    warmup_steps: int = 200
+    schedule: str = "inverse_sqrt"  # "inverse_sqrt" (warm-up then 1/sqrt(step)) or "cosine"
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    val_every: int | None = None  # validate every N steps; None = once per epoch
+    early_stop: int | None = None  # stop after this many validations without a CIDEr improvement
+    scheduled_sampling: float = 0.0  # final probability of feeding the model's own token (ramped linearly)
+    synth_train: int = 6000  # scenes in the built-in world's splits
+    synth_val: int = 200
+    synth_test: int = 500
+    min_count: int = 1
+    max_len: int = 30
+    workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # model config overrides (field=value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return dataclasses.asdict(self)

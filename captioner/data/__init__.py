@@ -1,0 +1,1 @@
+"""Data: image loading, vocabulary, the built-in synthetic world, dataset readers and batching."""
