@@ -1,0 +1,159 @@
+"""Attention speed at decoder shapes, as one JSON object (2 threads; CPU unless --device is given).
+
+- fused (F.scaled_dot_product_attention) vs explicit (scores -> masked softmax -> weights @ V) path of
+  MultiHeadAttention, for cross-attention (T tokens over N regions) and causal self-attention: the
+  attention core alone (inference), and the whole module with its projections (inference, and a
+  training forward+backward);
+- the explicit path of each scoring function (general and additive have no fused form);
+- KV-cache growth while decoding one token at a time: preallocated capacity written in place vs
+  concatenating a new tensor every step.
+
+Times are milliseconds, the fastest of --repeat runs. The candidates of one comparison run in turns
+(a, b, a, b, ...), so a neighbour's load on a shared machine slows both alike and ratios stay fair.
+
+    python benchmarks/bench_attention.py [--device cuda] [--repeat 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, setup_threads  # noqa: E402
+
+from captioner.models.attention import KVCache, MultiHeadAttention, causal_mask  # noqa: E402
+
+B, H, T, N, D = 32, 4, 20, 64, 256  # a batch of 32 captions of 20 tokens over an 8x8 grid, width 256
+
+
+def compare(candidates: dict[str, Callable[[], object]], *, repeat: int, device: str,
+            warmup: int = 3) -> dict[str, float]:
+    """Fastest time (ms) of each candidate, running them in turns; plus the ratio of the others to the first."""
+    def once(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for fn in candidates.values():
+        for _ in range(warmup):
+            once(fn)
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(repeat):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], once(fn))
+    row = {f"{name}_ms": round(t * 1e3, 3) for name, t in best.items()}
+    first, *others = candidates
+    row.update({f"{name}_over_{first}": round(best[name] / best[first], 2) for name in others})
+    return row
+
+
+def core(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
+    """The attention core alone (no Q/K/V/O projections): the module's two paths on (B, H, T, Dh) inputs."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=D, n_heads=H).to(device)
+    Dh = D // H
+    q = torch.randn(B, H, T, Dh, device=device)
+    memory_kv, self_kv = torch.randn(B, H, N, Dh, device=device), torch.randn(B, H, T, Dh, device=device)
+    lengths = torch.randint(T // 2, T + 1, (B,), device=device)
+    padded = causal_mask(T, device) & (torch.arange(T, device=device) < lengths[:, None])[:, None, None, :]
+    shapes = {
+        f"cross B={B} H={H} T={T} N={N} Dh={Dh}": (memory_kv, None),
+        f"self causal B={B} H={H} T={T} Dh={Dh}": (self_kv, causal_mask(T, device)),
+        f"self causal+padding B={B} H={H} T={T} Dh={Dh}": (self_kv, padded),
+    }
+    out = {}
+    with torch.inference_mode():
+        for name, (kv, mask) in shapes.items():
+            out[name] = compare({"fused": lambda kv=kv, mask=mask: mha._fused(q, kv, kv, mask),
+                                 "explicit": lambda kv=kv, mask=mask: mha._explicit(q, kv, kv, mask)},
+                                repeat=repeat, device=device)
+    return out
+
+
+def module(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
+    """The whole MultiHeadAttention (projections included) on each path, inference and training."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=D, n_heads=H).to(device)
+    x, memory = torch.randn(B, T, D, device=device), torch.randn(B, N, D, device=device)
+    shapes = {
+        f"cross B={B} H={H} T={T} N={N} D={D}": (x, memory, None),
+        f"self causal B={B} H={H} T={T} D={D}": (x, x, causal_mask(T, device)),
+    }
+
+    def inference(query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, need_weights: bool) -> None:
+        with torch.inference_mode():
+            mha(query, kv, kv, mask=mask, need_weights=need_weights)
+
+    def train(query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, need_weights: bool) -> None:
+        out, _ = mha(query.detach().requires_grad_(), kv, kv, mask=mask, need_weights=need_weights)
+        out.sum().backward()
+
+    result = {}
+    for name, (query, kv, mask) in shapes.items():
+        for mode, fn in (("inference", inference), ("train", train)):
+            result[f"{name} {mode}"] = compare(
+                {"fused": lambda fn=fn, query=query, kv=kv, mask=mask: fn(query, kv, mask, False),
+                 "explicit": lambda fn=fn, query=query, kv=kv, mask=mask: fn(query, kv, mask, True)},
+                repeat=repeat, device=device)
+    return result
+
+
+def scores(device: str, *, repeat: int) -> dict[str, float]:
+    """Cross-attention inference on the explicit path, per scoring function."""
+    torch.manual_seed(0)
+    query, memory = torch.randn(B, T, D, device=device), torch.randn(B, N, D, device=device)
+    modules = {name: MultiHeadAttention(d_model=D, n_heads=H, score=name).to(device)
+               for name in ("scaled_dot", "dot", "general", "additive")}
+    with torch.inference_mode():
+        return compare({name: lambda m=m: m(query, memory, memory, need_weights=True) for name, m in modules.items()},
+                       repeat=repeat, device=device)
+
+
+def caches(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
+    """Decode one token at a time through self-attention: preallocated cache vs torch.cat every step."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=D, n_heads=H).to(device).eval()
+
+    def decode(x: torch.Tensor, preallocate: bool) -> None:
+        cache = KVCache(preallocate=preallocate)
+        for t in range(x.shape[1]):
+            mha(x[:, t:t + 1], x[:, t:t + 1], x[:, t:t + 1], cache=cache)
+
+    out = {}
+    with torch.inference_mode():
+        for rows, steps in ((B, T), (B * 5, T), (B, 100)):  # greedy batch; 5 beams each; a long sequence
+            x = torch.randn(rows, steps, D, device=device)
+            out[f"rows={rows} steps={steps}"] = compare(
+                {"preallocated": lambda x=x: decode(x, True), "cat": lambda x=x: decode(x, False)},
+                repeat=repeat, device=device, warmup=1)
+    return out
+
+
+def main() -> None:
+    """Print the figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    setup_threads(2)
+    report = {
+        "machine": {**machine(), "device": args.device},
+        "core": core(args.device, repeat=args.repeat),
+        "module": module(args.device, repeat=args.repeat),
+        "explicit_by_score": scores(args.device, repeat=args.repeat),
+        "kv_cache": caches(args.device, repeat=max(5, args.repeat // 3)),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+"""The `captioner` command line. Thin: parse options, call one library function, render with rich.
+
+Heavy imports (torch, torchvision) happen inside the commands, so `captioner --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from captioner import __version__
+from captioner.errors import CaptionerError, ConfigError
+
+app = typer.Typer(
+    name="captioner",
+    help="Image captioning from the shell: train a CNN or ViT captioner, caption images, see where it looked.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Look at and prepare datasets: write the built-in world to disk, check a dataset.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_state = {"debug": False}
+
+
+class Encoder(str, Enum):
+    vit = "vit"
+    cnn = "cnn"
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Schedule(str, Enum):
+    inverse_sqrt = "inverse_sqrt"
+    cosine = "cosine"
+
+
+class Score(str, Enum):
+    dot = "dot"
+    scaled_dot = "scaled_dot"
+    general = "general"
+    additive = "additive"
+
+
+class Format(str, Enum):
+    auto = "auto"
+    coco = "coco"
+    karpathy = "karpathy"
+    flickr8k = "flickr8k"
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+def _err(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CaptionerError as err:
+            if _state["debug"]:
+                raise
+            _err(str(err))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as err:  # an internal bug: still one line, the traceback on request
+            if _state["debug"]:
+                raise
+            _err(f"internal error: {type(err).__name__}: {err} (run with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"captioner {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", envvar="CAPTIONER_DEBUG",
+                                        help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """captioner: train, caption, attend, evaluate."""
+    _state["debug"] = debug
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of options at the top level")
+    return data
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """--set d_model=256 --set norm_first=false -> typed model overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects field=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+@user_errors
+def train(
+    encoder: Annotated[Encoder | None, typer.Option(help="Image encoder: CNN feature map or ViT patches.")] = None,
+    preset: Annotated[Preset | None, typer.Option(help="Model size preset.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset annotations (COCO/Karpathy JSON, Flickr8k token "
+                                                  "file, CSV, JSONL). Default: the built-in synthetic world.")] = None,
+    images: Annotated[str | None, typer.Option(help="Image folder for the dataset's relative paths.")] = None,
+    format: Annotated[Format | None, typer.Option(help="Dataset format (auto-detected by default).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<encoder>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training split.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Linear warm-up steps.")] = None,
+    schedule: Annotated[Schedule | None, typer.Option(help="Decay after warm-up.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.99)] = None,
+    weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
+    grad_clip: Annotated[float | None, typer.Option(min=0.0)] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[Device | None, typer.Option()] = None,
+    precision: Annotated[Precision | None, typer.Option(help="fp16 needs CUDA; auto = bf16 on GPUs with it.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    val_every: Annotated[int | None, typer.Option(min=1, help="Validate every N steps (default: each epoch).")] = None,
+    early_stop: Annotated[int | None, typer.Option(min=1, help="Stop after N validations without gain.")] = None,
+    scheduled_sampling: Annotated[float | None, typer.Option(min=0.0, max=1.0,
+                                                             help="Final prob. of feeding own tokens.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader worker processes.")] = None,
+    image_size: Annotated[int | None, typer.Option(min=16, max=1024)] = None,
+    patch_size: Annotated[int | None, typer.Option(min=1, max=256, help="ViT patch side (divides image size).")] = None,
+    cnn_arch: Annotated[str | None, typer.Option(help="resnet18, resnet34 or resnet50.")] = None,
+    cnn_stride: Annotated[int | None, typer.Option(help="CNN output stride: 16 or 32.")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch",
+                                                    help="Start the CNN from ImageNet weights (local).")] = None,
+    backbone_weights: Annotated[Path | None, typer.Option(help="Local backbone state-dict file.")] = None,
+    freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone/--finetune-backbone")] = None,
+    cross_score: Annotated[Score | None, typer.Option(help="Cross-attention scoring function.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Model field override, e.g. d_model=256.")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
+    scst: Annotated[bool, typer.Option(help="Self-critical fine-tuning (CIDEr-D reward) of --resume RUN.")] = False,
+) -> None:
+    """Train a captioning model (on the built-in synthetic world unless --data is given)."""
+    import time
+
+    from captioner.config import TrainConfig
+
+    options: dict[str, Any] = {}
+    if config is not None:
+        options.update(_load_config_file(config))
+    model_overrides = dict(options.pop("model", {}) or {})
+    cli = dict(encoder=encoder, preset=preset, data=data, images=images, format=format, epochs=epochs,
+               max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
+               label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
+               device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
+               scheduled_sampling=scheduled_sampling, workers=workers)
+    options.update({k: (v.value if isinstance(v, Enum) else v) for k, v in cli.items() if v is not None})
+    model_cli = dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
+                     pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
+                     freeze_backbone=freeze_backbone, cross_score=cross_score.value if cross_score else None)
+    model_overrides.update({k: v for k, v in model_cli.items() if v is not None})
+    model_overrides.update(_parse_set(set_ or []))
+
+    if scst:
+        if resume is None:
+            raise ConfigError("--scst fine-tunes a trained run: give it with --resume RUN_DIR")
+        from captioner.scst import SCSTConfig, train_scst
+
+        scst_options = {k: v for k, v in options.items() if k in SCSTConfig.__dataclass_fields__}
+        result = train_scst(resume, SCSTConfig(**scst_options), out=out, on_event=_TrainView().on_event)
+        return _print_result(result)
+
+    if resume is not None:
+        from captioner.checkpoint import read_run_config
+
+        saved = dict(read_run_config(resume).get("train", {}))
+        saved.update(options)  # the command line may extend a run (--epochs, --max-steps) or change device
+        options = saved
+        run_dir = resume
+        if model_overrides:
+            raise ConfigError("a resumed run keeps its model; drop the model options (--set, --image-size ...)")
+    else:
+        extra = dict(options.get("extra", {}) or {})
+        extra.update(model_overrides)
+        options["extra"] = extra
+        run_dir = out or Path("runs") / f"{options.get('encoder', 'vit')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown training options: {', '.join(unknown)}")
+    cfg = TrainConfig(**options)
+    _validate_train(cfg)
+
+    from captioner.training import train as run_training
+
+    view = _TrainView()
+    try:
+        result = run_training(cfg, run_dir, resume=resume is not None, on_event=view.on_event,
+                              skip_bad_images=skip_bad_images)
+    finally:
+        view.close()
+    _print_result(result)
+
+
+def _validate_train(cfg: Any) -> None:
+    """Refuse option values that cannot work, before any data is read."""
+    from captioner.config import ModelConfig, preset
+
+    if cfg.encoder not in ("vit", "cnn"):
+        raise ConfigError(f"--encoder must be vit or cnn, got {cfg.encoder!r}")
+    # Build the model config once (vocab size is a placeholder) so shape errors surface now.
+    base = preset(cfg.preset, encoder=cfg.encoder, **cfg.extra)
+    ModelConfig.from_dict(base.to_dict())
+
+
+class _TrainView:
+    """Renders training events: a tqdm bar with loss, lr and images/s; rich lines for validations."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.bar = None
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if kind == "start":
+            m = data["model"]
+            self.console.print(
+                f"[bold]training[/] {m['encoder']} captioner, {data['parameters'] / 1e6:.2f}M parameters, "
+                f"{data['train_images']} train / {data['val_images']} val images, device {data['device']} "
+                f"({data['precision']}), {data['steps']} steps -> {data['run_dir']}")
+            self.bar = tqdm(total=data["steps"], initial=data["start_step"], unit="step", dynamic_ncols=True,
+                            file=sys.stderr, disable=None)
+        elif kind == "step" and self.bar is not None:
+            self.bar.n = data["step"]
+            self.bar.set_postfix(loss=f"{data['loss']:.3f}", lr=f"{data['lr']:.2e}",
+                                 img_s=f"{data['images_per_s']:.0f}", refresh=False)
+            self.bar.refresh()
+        elif kind == "validate":
+            parts = [f"{k} {data[k]:.3f}" for k in ("BLEU-4", "CIDEr-D", "accuracy") if k in data]
+            parts += [f"distinct {data.get('distinct_share', 0):.0%}"]
+            self._write(f"step {data['step']}: " + ", ".join(parts))
+        elif kind == "warning":
+            self._write(f"[bold yellow]warning:[/] {data['message']}")
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        self.console.print(text)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_result(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"run {result.run_dir}", show_header=True)
+    table.add_column("metric")
+    table.add_column("best", justify="right")
+    table.add_column("last", justify="right")
+    keys = [k for k in ("BLEU-4", "CIDEr-D", "accuracy", "distinct_share", "step") if k in result.best]
+    for key in keys:
+        best, last = result.best.get(key, ""), result.last.get(key, "")
+        table.add_row(key, f"{best:.4g}" if isinstance(best, float) else str(best),
+                      f"{last:.4g}" if isinstance(last, float) else str(last))
+    console.print(table)
+    console.print(f"{result.steps} steps in {result.seconds:.0f} s. Caption with: captioner caption IMAGE "
+                  f"--model {result.run_dir}")
+
+
+# ----------------------------------------------------------------------------- caption
+
+
+Model = Annotated[Path | None, typer.Option("--model", help="Run directory (default: newest under ./runs).")]
+Beam = Annotated[int, typer.Option(min=1, max=64, help="Beam size (1 = greedy).")]
+MaxLen = Annotated[int, typer.Option(min=1, max=500, help="Longest caption in tokens.")]
+
+
+@app.command()
+@user_errors
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
+    model: Model = None,
+    beam: Beam = 1,
+    max_len: MaxLen = 30,
+    length_penalty: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.0,
+    no_repeat_ngram: Annotated[int, typer.Option(min=0, max=10)] = 0,
+    sample: Annotated[bool, typer.Option(help="Sample instead of searching.")] = False,
+    temperature: Annotated[float, typer.Option(min=1e-3, max=100.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    top_p: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Caption images with a trained run (greedy, beam search or sampling)."""
+    from captioner.api import Captioner, DecodeSettings, collect_images
+
+    settings = DecodeSettings(beam=beam, max_len=max_len, length_penalty=length_penalty,
+                              no_repeat_ngram=no_repeat_ngram, sample=sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed)
+    paths, problems = collect_images(images)
+    for problem in problems:
+        _err(str(problem))
+    if not paths:
+        raise typer.Exit(1)
+    captioner = Captioner.load(model, device=device.value)
+    results, failures = captioner.caption_files(paths, settings, batch_size=batch_size)
+    for failure in failures:
+        _err(str(failure))
+    if json_out:
+        for path, c in results:
+            typer.echo(json.dumps({"image": str(path), "caption": c.text, "logprob": round(c.logprob, 4),
+                                   "score": round(c.score, 4)}))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=True)
+        table.add_column("image", overflow="fold")
+        table.add_column("caption")
+        table.add_column("log p", justify="right")
+        for path, c in results:
+            table.add_row(str(path), c.text, f"{c.logprob:.2f}")
+        Console().print(table)
+    if problems or failures:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- attend
+
+
+@app.command()
+@user_errors
+def attend(
+    images: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
+    model: Model = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: beside each image).")] = None,
+    layer: Annotated[str, typer.Option(help="Decoder layer: last, all (mean), or an index.")] = "last",
+    heads: Annotated[str, typer.Option(help="mean (one map per word) or all (a panel per head).")] = "mean",
+    beam: Beam = 1,
+    max_len: MaxLen = 30,
+    rollout: Annotated[bool, typer.Option(help="Add the ViT encoder's attention rollout.")] = True,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+) -> None:
+    """Write per-word attention overlays: where the decoder looked while writing each word."""
+    from captioner.api import Captioner, DecodeSettings, collect_images
+    from captioner.overlay import explain_files, parse_layer
+
+    layer_choice = parse_layer(layer)
+    if heads not in ("mean", "all"):
+        raise ConfigError(f"--heads must be mean or all, got {heads!r}")
+    settings = DecodeSettings(beam=beam, max_len=max_len)
+    paths, problems = collect_images(images)
+    for problem in problems:
+        _err(str(problem))
+    if not paths:
+        raise typer.Exit(1)
+    captioner = Captioner.load(model, device=device.value)
+    written, failures = explain_files(captioner, paths, settings, out=out, layer=layer_choice, heads=heads,
+                                      rollout=rollout)
+    for failure in failures:
+        _err(str(failure))
+    from rich.console import Console
+
+    console = Console()
+    for path, caption_text, files in written:
+        console.print(f"[bold]{path}[/]: {caption_text}")
+        for kind, file in files.items():
+            console.print(f"  {kind}: {file}")
+    if problems or failures:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Model = None,
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
+    images: Annotated[str | None, typer.Option(help="Image folder for the dataset's relative paths.")] = None,
+    format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
+    split: Annotated[Split, typer.Option(help="Which split to decode.")] = Split.test,
+    predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file instead of a model.")] = None,
+    beam: Beam = 1,
+    max_len: MaxLen = 30,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images of the split.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 64,
+    java: Annotated[bool | None, typer.Option("--java/--no-java",
+                                              help="PTB tokenizer + METEOR via Java (default: if found).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to save the generated captions (COCO results).")] = None,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D) on a split, or of a predictions file."""
+    from captioner.api import DecodeSettings
+    from captioner.evaluation import run_evaluate
+
+    settings = DecodeSettings(beam=beam, max_len=max_len)
+    result = run_evaluate(model=model, data=data, images=images, format=format.value, split=split.value,
+                          predictions=predictions, settings=settings, limit=limit, batch_size=batch_size,
+                          java=java, out=out, device=device.value)
+    summary = result.report.summary()
+    if json_out:
+        typer.echo(json.dumps({**summary, "tokenizer": result.report.tokenizer, "notes": result.report.notes,
+                               "split": split.value, "results_file": str(result.results_file or "")}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for note in result.report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    table = Table(title=result.title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if result.results_file:
+        console.print(f"captions saved to {result.results_file}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write images/ and captions.json into.")],
+    n: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of scenes.")] = 100,
+    split: Annotated[Split, typer.Option(help="Which split of the world to draw from.")] = Split.train,
+    seed: Annotated[int, typer.Option(help="World seed.")] = 0,
+    image_size: Annotated[int, typer.Option(min=32, max=1024)] = 96,
+) -> None:
+    """Write scenes of the built-in world to disk in COCO captions format (plus object boxes)."""
+    from captioner.data.synthetic import write_synthetic
+
+    path = write_synthetic(out, n, split=split.value, seed=seed, image_size=image_size)
+    typer.echo(f"wrote {n} {split.value} scenes to {out} (annotations: {path})")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    data: Annotated[str, typer.Option(help="Dataset annotations file.")],
+    images: Annotated[str | None, typer.Option(help="Image folder.")] = None,
+    format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
+    min_count: Annotated[int, typer.Option(min=1, help="Minimum word count for the vocabulary.")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Dry run: images found/missing, captions per image, lengths, vocabulary size, split sizes."""
+    from captioner.data.sources import dataset_report, load_samples
+
+    samples = load_samples(data, images=images, format=format.value)
+    report = dataset_report(samples, vocab_min_count=min_count)
+    if json_out:
+        typer.echo(json.dumps(report, default=str))
+    else:
+        from rich.console import Console
+        from rich.pretty import Pretty
+
+        Console().print(Pretty(report))
+    if report.get("images_missing") or report.get("images_unreadable"):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the `captioner` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

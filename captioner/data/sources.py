@@ -1,0 +1,546 @@
+"""Dataset readers: every format becomes one list of `Sample`s (image, its reference captions, its split).
+
+Formats (detected from the file name and content, or named with `format`):
+    coco      captions JSON {"images": [{id, file_name}], "annotations": [{image_id, caption}]}
+    karpathy  dataset_coco.json / dataset_flickr8k.json / dataset_flickr30k.json (standard splits)
+    flickr8k  Flickr8k.token.txt ("img.jpg#0<TAB>caption"), split lists Flickr_8k.*Images.txt beside it
+    csv       a header with image and caption columns (one row per caption), optional split column
+    jsonl     one object per line: image, caption or captions, optional split (or a JSON list of them)
+`data=None` is the built-in synthetic world.
+
+Datasets without split information get a deterministic 90/5/5 train/val/test split from a hash of the
+image id, so every run and every command sees the same split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from captioner.data.images import check_image, load_image
+from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
+from captioner.data.vocab import Vocabulary, tokenize
+from captioner.errors import DataError
+
+FORMATS = ("auto", "coco", "karpathy", "flickr8k", "csv", "jsonl")
+SPLITS = ("train", "val", "test")
+MAX_CAPTION_TOKENS = 100  # longer "captions" are paragraphs or broken rows, not captions: dropped and counted
+HASH_SPLIT = (90, 5, 5)  # train/val/test percentages for datasets that carry no split
+
+_SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "validation": "val",
+                  "dev": "val", "test": "test"}
+_IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "file", "path", "img", "image_name")
+_CAPTION_COLUMNS = ("caption", "text", "sentence", "comment", "description")
+_IMAGE_DIR_NAMES = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "imgs")
+
+
+@dataclass
+class Sample:
+    """One image with its reference captions: a file (`path`) or a scene of the synthetic world (`scene`)."""
+
+    image_id: str
+    captions: list[str]
+    split: str
+    path: Path | None = None
+    scene: Scene | None = None
+
+
+class SampleList(list):
+    """A list of Samples that also remembers where it came from and what loading changed."""
+
+    def __init__(self, samples: Iterable[Sample] = (), *, source: str = "", format: str = "",
+                 notes: Sequence[str] = ()) -> None:
+        super().__init__(samples)
+        self.source, self.format, self.notes = source, format, list(notes)
+
+
+def sample_image(sample: Sample) -> Image.Image:
+    """The sample's RGB image: loaded from its file when it has one, else rendered from its scene."""
+    if sample.path is not None:
+        return load_image(sample.path)
+    if sample.scene is not None:
+        return sample.scene.render()
+    raise DataError(f"sample {sample.image_id} has neither an image file nor a scene")
+
+
+def hash_split(image_id: str) -> str:
+    """Deterministic 90/5/5 split from a hash of the image id (stable across runs and machines)."""
+    bucket = int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little") % 100
+    train, val, _ = HASH_SPLIT
+    return "train" if bucket < train else "val" if bucket < train + val else "test"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_samples(data: str | Path | None, *, images: str | Path | None = None, format: str = "auto",
+                 synth_train: int = 6000, synth_val: int = 200, synth_test: int = 500, seed: int = 0,
+                 synth_image_size: int = 96) -> SampleList:
+    """Read a dataset (or build the synthetic world when `data` is None) into samples with splits."""
+    if format not in FORMATS:
+        raise DataError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if data is None:
+        world = SyntheticWorld(image_size=synth_image_size, seed=seed)
+        out = SampleList(source="synthetic", format="synthetic")
+        for split, n in (("train", synth_train), ("val", synth_val), ("test", synth_test)):
+            out.extend(Sample(s.image_id, list(s.captions), split, scene=s) for s in world.scenes(split, n))
+        return out
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"{path}: dataset file not found")
+    if path.is_dir():
+        path = _annotations_in_folder(path)
+    image_dir = Path(images) if images is not None else None
+    if image_dir is not None and not image_dir.is_dir():
+        raise DataError(f"{image_dir}: images folder not found")
+    fmt = detect_format(path) if format == "auto" else format
+    reader = {"coco": _read_coco, "karpathy": _read_karpathy, "flickr8k": _read_flickr8k, "csv": _read_csv,
+              "jsonl": _read_jsonl}[fmt]
+    raw, notes = reader(path, image_dir)
+    samples = _clean(raw, notes)
+    if not samples:
+        raise DataError(f"{path}: no images with usable captions")
+    return SampleList(samples, source=str(path), format=fmt, notes=notes)
+
+
+def _annotations_in_folder(folder: Path) -> Path:
+    """A dataset folder: the one annotations file it holds (our own captions.json first)."""
+    names = ["captions.json", "dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json",
+             "Flickr8k.token.txt", "captions.csv", "captions.txt", "captions.jsonl"]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".jsonl", ".csv"))
+    if len(found) == 1:
+        return folder / found[0]
+    hint = f" (candidates: {', '.join(found)})" if found else ""
+    raise DataError(f"{folder}: no annotations file found{hint}; pass the file itself as --data")
+
+
+def detect_format(path: Path) -> str:
+    """Name the format of an annotations file from its name and, for JSON, its layout."""
+    name, suffix = path.name.lower(), path.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix == ".txt":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        if "token" in name or ("#" in first.split("\t")[0] and "\t" in first):
+            return "flickr8k"
+        return "csv"  # e.g. Kaggle's Flickr8k captions.txt: "image,caption"
+    if suffix == ".json":
+        data = _read_json(path)
+        if isinstance(data, list):
+            return "jsonl"
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            first = data["images"][0] if data["images"] else {}
+            if isinstance(first, dict) and "sentences" in first:
+                return "karpathy"
+            if "annotations" in data:
+                return "coco"
+        raise DataError(f"{path}: JSON layout not recognised (expected COCO captions with \"images\" and "
+                        "\"annotations\", Karpathy's \"images\" with \"sentences\", or a list of objects)")
+    raise DataError(f"{path}: cannot tell the format from the name; pass --format "
+                    f"({', '.join(FORMATS[1:])})")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@dataclass
+class _Raw:
+    image_id: str
+    file: str  # as written in the annotations (relative to the image folder unless absolute)
+    captions: list[str]
+    split: str | None = None
+    scene: Scene | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg})") \
+            from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _normalise_split(value: Any, where: str) -> str:
+    split = _SPLIT_ALIASES.get(str(value).strip().lower())
+    if split is None:
+        raise DataError(f"{where}: unknown split {value!r} (expected train, val, test or restval)")
+    return split
+
+
+def _find_image_dir(annotations: Path, files: list[str], given: Path | None,
+                    extra: Sequence[Path] = ()) -> Path:
+    """The image folder: the one given, else the first candidate beside the annotations holding the images."""
+    if given is not None:
+        return given
+    parent = annotations.parent
+    candidates = [*extra, *(parent / n for n in _IMAGE_DIR_NAMES), parent,
+                  *(parent.parent / n for n in _IMAGE_DIR_NAMES)]
+    probe = [f for f in files[:20] if not Path(f).is_absolute()]
+    if not probe:
+        return parent  # absolute paths need no folder
+    seen: list[Path] = []
+    for c in candidates:
+        if c in seen:
+            continue
+        seen.append(c)
+        if c.is_dir() and any((c / f).exists() for f in probe):
+            return c
+    tried = ", ".join(str(c) for c in seen if c.is_dir()) or "none of the usual folders exist"
+    raise DataError(f"{annotations}: cannot find the image folder (looked for {probe[0]} in: {tried}); "
+                    "pass --images FOLDER")
+
+
+def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
+    """Merge repeated images, drop empty and absurdly long captions, assign splits; note every change."""
+    by_id: dict[str, _Raw] = {}
+    merged = duplicate_captions = empty = long = no_captions = 0
+    for r in raw:
+        if r.image_id in by_id:
+            first = by_id[r.image_id]
+            if first.file != r.file:
+                raise DataError(f"image id {r.image_id!r} names two files: {first.file!r} and {r.file!r}")
+            if r.split is not None and first.split is not None and r.split != first.split:
+                raise DataError(f"image {r.image_id!r} is listed in two splits ({first.split}, {r.split})")
+            first.captions.extend(r.captions)
+            first.split = first.split or r.split
+            merged += 1
+        else:
+            by_id[r.image_id] = _Raw(r.image_id, r.file, list(r.captions), r.split, r.scene)
+    samples: list[Sample] = []
+    hashed = 0
+    for r in by_id.values():
+        kept: list[str] = []
+        for c in r.captions:
+            c = " ".join(str(c).split())
+            n = len(tokenize(c))
+            if n == 0:
+                empty += 1
+            elif n > MAX_CAPTION_TOKENS:
+                long += 1
+            elif c in kept:
+                duplicate_captions += 1
+            else:
+                kept.append(c)
+        if not kept:
+            no_captions += 1
+            continue
+        split = r.split
+        if split is None:
+            split, hashed = hash_split(r.image_id), hashed + 1
+        samples.append(Sample(r.image_id, kept, split, Path(r.file), r.scene))
+    if merged:
+        notes.append(f"{merged} repeated image entries merged into one image each")
+    if empty:
+        notes.append(f"{empty} empty captions dropped")
+    if long:
+        notes.append(f"{long} captions longer than {MAX_CAPTION_TOKENS} words dropped")
+    if duplicate_captions:
+        notes.append(f"{duplicate_captions} duplicate captions of the same image dropped")
+    if no_captions:
+        notes.append(f"{no_captions} images without any usable caption dropped")
+    if hashed:
+        shares = "/".join(map(str, HASH_SPLIT))
+        notes.append(f"{hashed} images carry no split: assigned train/val/test {shares} by image id hash")
+    return samples
+
+
+def _resolve(raw: list[_Raw], image_dir: Path) -> list[_Raw]:
+    for r in raw:
+        r.file = str(image_dir / r.file)
+    return raw
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _read_coco(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise DataError(f"{path}: COCO captions need top-level \"images\" and \"annotations\" lists")
+    notes: list[str] = []
+    images: dict[str, _Raw] = {}
+    order: list[_Raw] = []
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise DataError(f"{path}: images[{i}] needs \"id\" and a string \"file_name\"")
+        split = _normalise_split(im["split"], f"{path}: images[{i}]") if "split" in im else None
+        r = _Raw(str(im["id"]), im["file_name"], [], split)
+        order.append(r)
+        images.setdefault(r.image_id, r)
+    unknown = 0
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise DataError(f"{path}: annotations[{i}] needs \"image_id\" and a string \"caption\"")
+        target = images.get(str(ann["image_id"]))
+        if target is None:
+            unknown += 1
+        else:
+            target.captions.append(ann["caption"])
+    if unknown:
+        notes.append(f"{unknown} captions refer to image ids not in \"images\" and were ignored")
+    # Repeated image entries reach _clean with their own (empty) caption lists and are merged there.
+    raw = order
+    _attach_scenes(data, raw, notes)
+    stem = path.stem.replace("captions_", "")
+    extra = [path.parent / stem, path.parent.parent / stem] if stem else []
+    folder = _find_image_dir(path, [r.file for r in raw], image_dir, extra)
+    return _resolve(raw, folder), notes
+
+
+def _attach_scenes(data: dict, raw: list[_Raw], notes: list[str]) -> None:
+    """Files from write_synthetic: regenerate each scene so the checker and pointing game work on them."""
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    world_info = info.get("synthetic") if isinstance(info, dict) else None
+    boxes = data.get("boxes")
+    if not isinstance(world_info, dict) or not isinstance(boxes, dict):
+        return
+    try:
+        world = SyntheticWorld(image_size=int(world_info["image_size"]), seed=int(world_info["seed"]))
+    except (KeyError, TypeError, ValueError, DataError):
+        return
+    by_id = {str(im.get("id")): im for im in data["images"] if isinstance(im, dict)}
+    stale = 0
+    for r in raw:
+        im = by_id.get(r.image_id)
+        try:
+            r.scene = scene_from_record(world, r.split or "train", int(im["index"]), boxes[r.image_id])
+        except (KeyError, TypeError, ValueError, DataError):
+            r.scene = None
+        stale += r.scene is None
+    if stale:
+        notes.append(f"{stale} synthetic images no longer match the world's scenes; checked as plain images")
+
+
+def _read_karpathy(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: Karpathy split files need a top-level \"images\" list")
+    raw: list[_Raw] = []
+    for i, im in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        if not isinstance(im, dict) or not isinstance(im.get("filename"), str) \
+                or not isinstance(im.get("sentences"), list):
+            raise DataError(f"{where} needs a string \"filename\" and a \"sentences\" list")
+        captions = []
+        for j, s in enumerate(im["sentences"]):
+            if isinstance(s, dict) and isinstance(s.get("raw"), str):
+                captions.append(s["raw"])
+            elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
+                captions.append(" ".join(map(str, s["tokens"])))
+            else:
+                raise DataError(f"{where}.sentences[{j}] needs \"raw\" text")
+        split = _normalise_split(im["split"], where) if "split" in im else None
+        file = str(Path(im["filepath"]) / im["filename"]) if im.get("filepath") else im["filename"]
+        image_id = str(im["cocoid"]) if "cocoid" in im else Path(im["filename"]).stem
+        raw.append(_Raw(image_id, file, captions, split))
+    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
+    return _resolve(raw, folder), []
+
+
+def _read_split_list(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_flickr8k(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+    notes: list[str] = []
+    by_name: dict[str, _Raw] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        name, hash_sign, _ = key.partition("#")
+        if not sep or not hash_sign or not name.strip():
+            raise DataError(f"{path}:{n}: expected \"image.jpg#N<TAB>caption\", got {line[:60]!r}")
+        name = name.strip()
+        by_name.setdefault(name, _Raw(Path(name).stem, name, [])).captions.append(caption)
+    lists = {split: path.parent / f"Flickr_8k.{stem}Images.txt"
+             for split, stem in (("train", "train"), ("val", "dev"), ("test", "test"))}
+    raw = list(by_name.values())
+    if any(p.exists() for p in lists.values()):
+        split_of: dict[str, str] = {}
+        for split, p in lists.items():
+            if p.exists():
+                for name in _read_split_list(p):
+                    split_of[name] = split
+        outside = [r for r in raw if r.file not in split_of]
+        raw = [r for r in raw if r.file in split_of]
+        for r in raw:
+            r.split = split_of[r.file]
+        if outside:
+            notes.append(f"{len(outside)} images are in no Flickr_8k.*Images.txt split list; left out")
+    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
+    return _resolve(raw, folder), notes
+
+
+def _pick_column(header: list[str], names: Sequence[str], what: str, path: Path) -> str:
+    lowered = {h.strip().lower(): h for h in header}
+    for name in names:
+        if name in lowered:
+            return lowered[name]
+    raise DataError(f"{path}: no {what} column in the header {header} (expected one of {', '.join(names)})")
+
+
+def _read_csv(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    first = text.split("\n", 1)[0]
+    delimiter = max((",", "\t", "|", ";"), key=first.count)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise DataError(f"{path}: empty file") from None
+    image_col = header.index(_pick_column(header, _IMAGE_COLUMNS, "image", path))
+    caption_col = header.index(_pick_column(header, _CAPTION_COLUMNS, "caption", path))
+    lowered = [h.lower() for h in header]
+    split_col = lowered.index("split") if "split" in lowered else None
+    # An unquoted delimiter inside a caption that is the last column can only mean one thing: join it back.
+    caption_last = caption_col == len(header) - 1
+    raw: list[_Raw] = []
+    joined = 0
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) > len(header) and caption_last:
+                row = [*row[:caption_col], delimiter.join(row[caption_col:])]
+                joined += 1
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line}: expected {len(header)} fields ({delimiter!r}-separated), "
+                                f"got {len(row)}")
+            file = row[image_col].strip()
+            if not file:
+                raise DataError(f"{path}:{line}: empty image field")
+            split = _normalise_split(row[split_col], f"{path}:{line}") if split_col is not None else None
+            raw.append(_Raw(file, file, [row[caption_col]], split))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    notes = [f"{joined} rows had an unquoted {delimiter!r} in the caption (joined back)"] if joined else []
+    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
+    return _resolve(raw, folder), notes
+
+
+def _raw_from_object(obj: Any, where: str) -> _Raw:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    file = next((obj[k] for k in ("image", "file_name", "filename", "path", "image_path") if k in obj), None)
+    if not isinstance(file, str) or not file.strip():
+        raise DataError(f"{where}: needs an \"image\" path")
+    if "captions" in obj:
+        captions = obj["captions"]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise DataError(f"{where}: \"captions\" must be a list of strings")
+    elif isinstance(obj.get("caption"), str):
+        captions = [obj["caption"]]
+    else:
+        raise DataError(f"{where}: needs \"caption\" (a string) or \"captions\" (a list of strings)")
+    split = _normalise_split(obj["split"], where) if obj.get("split") is not None else None
+    image_id = str(obj.get("image_id", obj.get("id", file)))
+    return _Raw(image_id, file.strip(), list(captions), split)
+
+
+def _read_jsonl(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+    raw: list[_Raw] = []
+    if path.suffix.lower() == ".json":
+        data = _read_json(path)
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of {{\"image\", \"caption\"}} objects")
+        raw = [_raw_from_object(obj, f"{path}: [{i}]") for i, obj in enumerate(data)]
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno})") from None
+            raw.append(_raw_from_object(obj, f"{path}:{n}"))
+    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
+    return _resolve(raw, folder), []
+
+
+# ----------------------------------------------------------------------------- checks and report
+
+
+def check_images(samples: Sequence[Sample], *, workers: int = 8) -> tuple[int, list[tuple[Path, str]]]:
+    """Check every referenced image file (exists, opens, not truncated); (usable count, [(path, reason)])."""
+    paths = list(dict.fromkeys(s.path for s in samples if s.path is not None))
+    rendered = sum(1 for s in samples if s.path is None and s.scene is not None)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # I/O-bound; Pillow releases the GIL
+        reasons = list(pool.map(check_image, paths))
+    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+    return len(paths) - len(bad) + rendered, bad
+
+
+def _summary(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    mean, median = round(statistics.fmean(ordered), 2), statistics.median(ordered)
+    return {"min": ordered[0], "mean": mean, "median": median, "p95": p95, "max": ordered[-1]}
+
+
+def dataset_report(samples: Sequence[Sample], vocab_min_count: int = 1) -> dict[str, Any]:
+    """What `captioner data check` shows: images found/missing/unreadable, captions, vocabulary, splits."""
+    ok, bad = check_images(samples)
+    missing = [(p, r) for p, r in bad if r == "file not found"]
+    unreadable = [(p, r) for p, r in bad if r != "file not found"]
+    captions = [c for s in samples for c in s.captions]
+    lengths = [len(tokenize(c)) for c in captions]
+    train_captions = [c for s in samples if s.split == "train" for c in s.captions]
+    vocab = Vocabulary.build(train_captions or captions, min_count=vocab_min_count)
+    words = Counter(t for c in (train_captions or captions) for t in tokenize(c))
+    report: dict[str, Any] = {
+        "source": getattr(samples, "source", ""),
+        "format": getattr(samples, "format", ""),
+        "images": len(samples),
+        "images_found": ok,
+        "images_missing": len(missing),
+        "images_unreadable": len(unreadable),
+        "splits": {split: sum(1 for s in samples if s.split == split) for split in SPLITS},
+        "captions": len(captions),
+        "captions_per_image": _summary([len(s.captions) for s in samples]),
+        "caption_length": _summary(lengths),
+        "vocab_size": len(vocab),
+        "vocab_min_count": vocab_min_count,
+        "distinct_words": len(words),
+        "notes": list(getattr(samples, "notes", [])),
+    }
+    if missing:
+        report["missing_examples"] = [str(p) for p, _ in missing[:5]]
+    if unreadable:
+        report["unreadable_examples"] = [f"{p}: {r}" for p, r in unreadable[:5]]
+    return report

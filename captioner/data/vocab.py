@@ -1,0 +1,127 @@
+"""The tokenizer and the Vocabulary: the one place where text becomes token ids and back.
+
+Tokenizing follows Karpathy's caption preprocessing (lower-case, punctuation removed, split on
+whitespace) with one exception: "," and ":" stay as tokens of their own. The synthetic world's
+captions use them as list separators ("three shapes : a ... , a ... and a ..."), and keeping them
+makes every reference survive `decode(encode(caption)) == caption` exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from captioner.errors import DataError
+
+# Apostrophes join ("man's" -> "mans", as Karpathy's preprocessing does); any other punctuation splits words.
+_APOSTROPHES = re.compile(r"['\u2019\u2018`]")
+_TOKEN = re.compile(r"[^\W_]+|[,:]")  # runs of letters/digits (any script), or a kept separator
+
+KEPT_PUNCTUATION = (",", ":")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words (letters and digits) plus "," and ":" as tokens; all other punctuation dropped."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return _TOKEN.findall(_APOSTROPHES.sub("", text))
+
+
+class Vocabulary:
+    """Token <-> id mapping with named specials; <pad> is always id 0 so embeddings can zero it."""
+
+    PAD = "<pad>"
+    BOS = "<bos>"
+    EOS = "<eos>"
+    UNK = "<unk>"
+    SPECIALS = (PAD, BOS, EOS, UNK)
+
+    def __init__(self, words: Sequence[str]) -> None:
+        words = list(words)
+        clash = [w for w in words if w in self.SPECIALS]
+        if clash:
+            raise DataError(f"vocabulary words may not be special tokens: {clash}")
+        if len(set(words)) != len(words):
+            raise DataError("vocabulary words must be distinct")
+        self.itos: list[str] = [*self.SPECIALS, *words]
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        self._specials = {self.stoi[s] for s in self.SPECIALS}
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 1, max_size: int | None = None) -> Vocabulary:
+        """Words seen at least `min_count` times, most frequent first (ties alphabetical, so builds repeat).
+
+        `max_size` caps the total size including the four specials; rarer words fall to <unk>.
+        """
+        if min_count < 1:
+            raise DataError(f"min_count must be >= 1, got {min_count}")
+        if max_size is not None and max_size <= len(cls.SPECIALS):
+            raise DataError(f"max_size must exceed the {len(cls.SPECIALS)} special tokens, got {max_size}")
+        counts = Counter(tok for caption in captions for tok in tokenize(caption))
+        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        if max_size is not None:
+            words = words[: max_size - len(cls.SPECIALS)]
+        return cls(words)
+
+    @property
+    def pad_id(self) -> int:
+        """Id of <pad> (always 0)."""
+        return self.stoi[self.PAD]
+
+    @property
+    def bos_id(self) -> int:
+        """Id of <bos>, the first decoder input."""
+        return self.stoi[self.BOS]
+
+    @property
+    def eos_id(self) -> int:
+        """Id of <eos>, the token that ends a caption."""
+        return self.stoi[self.EOS]
+
+    @property
+    def unk_id(self) -> int:
+        """Id of <unk>, which stands for every word outside the vocabulary."""
+        return self.stoi[self.UNK]
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, word: object) -> bool:
+        return word in self.stoi
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without specials; unknown words become <unk>."""
+        unk = self.unk_id
+        return [self.stoi.get(tok, unk) for tok in tokenize(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words joined by spaces, stopping at <eos> and dropping the other specials."""
+        words = []
+        eos = self.eos_id
+        for i in ids:
+            i = int(i)
+            if i == eos:
+                break
+            if i in self._specials or not 0 <= i < len(self.itos):
+                continue
+            words.append(self.itos[i])
+        return " ".join(words)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: the full token list in id order (specials first)."""
+        return {"tokens": list(self.itos)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
+        """Rebuild from `to_dict` output, refusing a list whose specials are not where ids expect them."""
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise DataError("vocabulary: expected {\"tokens\": [str, ...]}")
+        if tuple(tokens[: len(cls.SPECIALS)]) != cls.SPECIALS:
+            raise DataError(f"vocabulary: the first tokens must be {list(cls.SPECIALS)}, got {tokens[:4]}")
+        return cls(tokens[len(cls.SPECIALS):])
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({len(self)} tokens)"

@@ -1,0 +1,283 @@
+"""Auto-regressive decoding over `CaptionModel.step`: greedy, beam search and sampling.
+
+Every search encodes the images once, precomputes each decoder layer's cross-attention keys/values once
+(`model.start`), then feeds one token per step while the self-attention KV caches grow. Beam search
+runs all beams of all images as one batch of (images x beams) rows and reorders the caches when beams
+are pruned. `naive_greedy` re-runs the whole prefix every step: it is the reference the tests and the
+benchmarks hold the cached path to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from captioner.models.captioner import CaptionModel
+
+
+@dataclass
+class Hypothesis:
+    """One decoded caption: token ids (without <bos>/<eos>), its log-probability, optional attention."""
+
+    tokens: list[int]
+    logprob: float  # sum of the log-probabilities of the tokens and of the final <eos> (if reached)
+    score: float  # the value the search ranked by (logprob, or length-normalised for beam search)
+    cross: torch.Tensor | None = None  # (T, L, H, N): cross-attention of each generated token, if asked
+    grid: tuple[int, int] | None = None  # (h, w) of the encoder grid, to fold N back into an image
+
+
+@dataclass
+class SearchOptions:
+    """Which tokens start and end a caption, and how long a caption may grow."""
+
+    bos_id: int
+    eos_id: int
+    max_len: int = 30  # generated tokens, <eos> included
+    pad_id: int | None = None  # never generated when given (it carries no meaning)
+    unk_id: int | None = None  # never generated when given ("<unk>" is not a caption word)
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+
+    def banned(self) -> list[int]:
+        """Token ids that a search must never emit (<bos> and, when given, <pad> and <unk>)."""
+        return [t for t in (self.bos_id, self.pad_id, self.unk_id) if t is not None]
+
+
+def _log_probs(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """Log-softmax in float32 with the banned ids at -inf."""
+    logits = logits.float()
+    logits[:, banned] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.inference_mode()
+def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
+           need_weights: bool = False) -> list[Hypothesis]:
+    """Pick the most likely token at every step; rows that reached <eos> stop growing."""
+    B = images.shape[0]
+    encoded = model.encode(images)
+    state = model.start(encoded.memory)  # memory (B, N, D)
+    banned = opts.banned()
+    tokens = torch.full((B,), opts.bos_id, dtype=torch.long, device=images.device)
+    out = torch.full((B, opts.max_len), opts.eos_id, dtype=torch.long, device=images.device)
+    logprob = torch.zeros(B, device=images.device)
+    alive = torch.ones(B, dtype=torch.bool, device=images.device)
+    crosses = []
+    for t in range(opts.max_len):
+        logits, cross = model.step(tokens, state, need_weights=need_weights)  # (B, V), (L, B, H, N)
+        logp = _log_probs(logits, banned)
+        best_logp, tokens = logp.max(dim=-1)  # (B,)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
+        logprob += torch.where(alive, best_logp, torch.zeros_like(best_logp))
+        out[:, t] = tokens
+        if need_weights:
+            crosses.append(cross.float().cpu())
+        alive &= tokens != opts.eos_id
+        if not alive.any():
+            break
+    return _hypotheses(out, logprob, logprob, opts.eos_id, crosses, encoded.grid)
+
+
+@torch.inference_mode()
+def naive_greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions) -> list[Hypothesis]:
+    """Greedy decoding without caches: the whole prefix is re-decoded every step (the reference path)."""
+    B = images.shape[0]
+    memory = model.encode(images).memory  # (B, N, D)
+    banned = opts.banned()
+    prefix = torch.full((B, 1), opts.bos_id, dtype=torch.long, device=images.device)
+    logprob = torch.zeros(B, device=images.device)
+    alive = torch.ones(B, dtype=torch.bool, device=images.device)
+    for _ in range(opts.max_len):
+        logits, _ = model.decode(memory, prefix)  # (B, T, V): all positions recomputed
+        logp = _log_probs(logits[:, -1], banned)
+        best_logp, tokens = logp.max(dim=-1)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
+        logprob += torch.where(alive, best_logp, torch.zeros_like(best_logp))
+        prefix = torch.cat([prefix, tokens[:, None]], dim=1)
+        alive &= tokens != opts.eos_id
+        if not alive.any():
+            break
+    return _hypotheses(prefix[:, 1:], logprob, logprob, opts.eos_id, [])
+
+
+@torch.inference_mode()
+def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, beam: int = 3,
+                length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                need_weights: bool = False) -> list[Hypothesis]:
+    """Keep the `beam` best prefixes per image; all (images x beams) rows advance as one batch.
+
+    Finished hypotheses are ranked by logprob / length**length_penalty (0 = plain log-probability,
+    1 = per-token average). `no_repeat_ngram` > 0 forbids repeating any n-gram of that size.
+    """
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    B, device = images.shape[0], images.device
+    K = beam
+    encoded = model.encode(images)
+    state = model.start(encoded.memory)  # memory (B, N, D)
+    state.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K) rows, beams of an image adjacent
+    banned = opts.banned()
+    tokens = torch.full((B * K,), opts.bos_id, dtype=torch.long, device=device)
+    # Only the first beam of each image is live at the start, so the K beams do not all pick the same word.
+    beam_logp = torch.full((B, K), float("-inf"), device=device)
+    beam_logp[:, 0] = 0.0
+    history = torch.zeros((B * K, 0), dtype=torch.long, device=device)  # generated tokens per row
+    cross_history: list[torch.Tensor] = []  # per step (B*K, L, H, N), re-indexed with the beams
+    finished: list[list[tuple[float, float, list[int], torch.Tensor | None]]] = [[] for _ in range(B)]
+
+    for t in range(opts.max_len):
+        logits, cross = model.step(tokens, state, need_weights=need_weights)  # (B*K, V)
+        logp = _log_probs(logits, banned)  # (B*K, V)
+        V = logp.shape[-1]
+        if no_repeat_ngram > 0:
+            _ban_repeats(logp, history, no_repeat_ngram)
+        total = beam_logp.reshape(B * K, 1) + logp  # (B*K, V)
+        total = total.reshape(B, K * V)
+        # 2K candidates per image: even if K of them end with <eos>, K live ones remain.
+        top_logp, top_idx = total.topk(min(2 * K, K * V), dim=-1)  # (B, 2K)
+        src_beam, word = top_idx // V, top_idx % V
+        rows = torch.arange(B, device=device)[:, None] * K + src_beam  # (B, 2K) rows into (B*K)
+        if need_weights:
+            cross_now = cross.permute(1, 0, 2, 3).float().cpu()  # (B*K, L, H, N)
+
+        new_rows = torch.empty((B, K), dtype=torch.long, device=device)
+        new_words = torch.empty((B, K), dtype=torch.long, device=device)
+        new_logp = torch.full((B, K), float("-inf"), device=device)
+        top_logp_c, rows_c, word_c = top_logp.cpu(), rows.cpu(), word.cpu()
+        for b in range(B):
+            kept = 0
+            for j in range(top_logp_c.shape[1]):
+                lp = float(top_logp_c[b, j])
+                if lp == float("-inf"):
+                    break
+                row, w = int(rows_c[b, j]), int(word_c[b, j])
+                if w == opts.eos_id or t == opts.max_len - 1:
+                    seq = history[row].tolist() + ([] if w == opts.eos_id else [w])
+                    length = len(seq) + 1
+                    crosses = None
+                    if need_weights:
+                        steps = [c[row] for c in cross_history] + [cross_now[row]]
+                        crosses = torch.stack(steps)  # (T, L, H, N)
+                    finished[b].append((lp / (length ** length_penalty), lp, seq, crosses))
+                    continue
+                new_rows[b, kept], new_words[b, kept], new_logp[b, kept] = row, w, lp
+                kept += 1
+                if kept == K:
+                    break
+            if kept < K:  # fewer live candidates than beams: pad with dead copies
+                new_rows[b, kept:] = new_rows[b, 0] if kept else b * K
+                new_words[b, kept:] = opts.eos_id
+        if _search_done(finished, new_logp, K, length_penalty, opts.max_len):
+            break
+        index = new_rows.reshape(-1)  # (B*K,)
+        state.reorder(index)
+        history = torch.cat([history[index], new_words.reshape(-1, 1)], dim=1)
+        if need_weights:
+            cross_history = [c[index.cpu()] for c in cross_history] + [cross_now[index.cpu()]]
+        beam_logp = new_logp
+        tokens = new_words.reshape(-1)
+
+    results = []
+    for b in range(B):
+        score, lp, seq, crosses = max(finished[b], key=lambda f: f[0])
+        results.append(Hypothesis(seq, lp, score, crosses, encoded.grid))
+    return results
+
+
+def _search_done(finished: list[list], live_logp: torch.Tensor, K: int, length_penalty: float,
+                 max_len: int) -> bool:
+    """True when no live beam can still beat the K-th best finished hypothesis of any image."""
+    for b, done in enumerate(finished):
+        if len(done) < K:
+            return False
+        kth = sorted((f[0] for f in done), reverse=True)[K - 1]
+        best_live = float(live_logp[b].max())
+        if best_live == float("-inf"):
+            continue
+        # Log-probs only fall as a caption grows, so the best score a live beam can still reach is its
+        # current (negative) logprob divided by the longest length it could have.
+        bound = best_live / ((max_len + 1) ** length_penalty) if best_live < 0 else best_live
+        if bound > kth:
+            return False
+    return True
+
+
+def _ban_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
+    """Set to -inf every word that would complete an n-gram already present in the row's history."""
+    T = history.shape[1]
+    if T < n - 1:
+        return
+    hist = history.tolist()
+    for row, seq in enumerate(hist):
+        prefix = tuple(seq[T - (n - 1):]) if n > 1 else ()
+        for i in range(T - n + 1):
+            if tuple(seq[i:i + n - 1]) == prefix:
+                logp[row, seq[i + n - 1]] = float("-inf")
+
+
+@torch.inference_mode()
+def sample(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, n: int = 1,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """Draw `n` captions per image from the (temperature, top-k, nucleus top-p) filtered distribution."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    B, device = images.shape[0], images.device
+    memory = model.encode(images).memory  # (B, N, D)
+    state = model.start(memory)
+    state.reorder(torch.arange(B, device=device).repeat_interleave(n))  # (B*n) rows
+    banned = opts.banned()
+    tokens = torch.full((B * n,), opts.bos_id, dtype=torch.long, device=device)
+    out = torch.full((B * n, opts.max_len), opts.eos_id, dtype=torch.long, device=device)
+    logprob = torch.zeros(B * n, device=device)
+    alive = torch.ones(B * n, dtype=torch.bool, device=device)
+    for t in range(opts.max_len):
+        logits, _ = model.step(tokens, state)
+        logp = _log_probs(logits / temperature, banned)  # (B*n, V)
+        filtered = filter_logits(logp, top_k=top_k, top_p=top_p)
+        tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
+        logprob += torch.where(alive, logp.gather(1, tokens[:, None]).squeeze(1), torch.zeros_like(logprob))
+        out[:, t] = tokens
+        alive &= tokens != opts.eos_id
+        if not alive.any():
+            break
+    flat = _hypotheses(out, logprob, logprob, opts.eos_id, [])
+    return [flat[i * n:(i + 1) * n] for i in range(B)]
+
+
+def filter_logits(logp: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top-k words and the smallest set whose probability reaches top_p; the rest get -inf."""
+    logp = logp.clone()
+    if top_k > 0 and top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logp[logp < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        cum = sorted_logp.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logp.softmax(-1) >= top_p  # words after the nucleus is already full
+        sorted_logp[drop] = float("-inf")
+        logp = torch.full_like(logp, float("-inf")).scatter(1, order, sorted_logp)
+    return logp
+
+
+def _hypotheses(out: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor, eos_id: int,
+                crosses: list[torch.Tensor], grid: tuple[int, int] | None = None) -> list[Hypothesis]:
+    """Cut each row at its first <eos> and package it (with its per-token attention when recorded)."""
+    rows = out.tolist()
+    cross = torch.stack(crosses, dim=0) if crosses else None  # (T, L, B, H, N)
+    results = []
+    for b, row in enumerate(rows):
+        length = row.index(eos_id) if eos_id in row else len(row)
+        weights = None
+        if cross is not None:
+            # one map per generated word, plus the step that produced <eos> when there is one
+            steps = min(length + 1, cross.shape[0])
+            weights = cross[:steps, :, b]  # (T, L, H, N)
+        results.append(Hypothesis(row[:length], float(logprob[b]), float(score[b]), weights, grid))
+    return results

@@ -1,0 +1,225 @@
+"""Decode a split and score it: caption metrics, diversity, and on the synthetic world accuracy and grounding.
+
+Used by validation during training, by `captioner evaluate`, and by SCST's validation, so every number
+the project reports comes from this one function.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from captioner.api import Caption, DecodeSettings
+from captioner.decoding import SearchOptions, beam_search, greedy
+from captioner.errors import DataError
+
+if TYPE_CHECKING:
+    from captioner.data.images import Preprocess
+    from captioner.data.sources import Sample
+    from captioner.data.vocab import Vocabulary
+    from captioner.models.captioner import CaptionModel
+
+
+@dataclass
+class EvalReport:
+    """Everything measured on one split."""
+
+    predictions: dict[str, str]
+    references: dict[str, list[str]]
+    scores: dict[str, float]
+    tokenizer: str
+    notes: list[str] = field(default_factory=list)
+    diversity: dict[str, Any] = field(default_factory=dict)
+    accuracy: float | None = None  # share of captions the synthetic world's checker calls accurate
+    grounding: dict[str, float] | None = None  # pointing game: hit rate beside the chance rate
+
+    def summary(self) -> dict[str, Any]:
+        """One flat JSON-ready record (what metrics.jsonl and `evaluate --json` hold)."""
+        out: dict[str, Any] = {k: round(v, 4) for k, v in self.scores.items()}
+        if self.accuracy is not None:
+            out["accuracy"] = round(self.accuracy, 4)
+        if self.grounding is not None:
+            out.update({f"grounding_{k}": round(v, 4) for k, v in self.grounding.items()})
+        for key in ("distinct_share", "vocab_used", "mean_length", "collapsed"):
+            if key in self.diversity:
+                value = self.diversity[key]
+                out[key] = round(value, 4) if isinstance(value, float) else value
+        out["images"] = len(self.predictions)
+        return out
+
+
+def _batches(samples: Sequence[Sample], size: int):
+    for i in range(0, len(samples), size):
+        yield samples[i:i + size]
+
+
+@torch.inference_mode()
+def decode_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabulary, preprocess: Preprocess, *,
+                   device: torch.device | str = "cpu", settings: DecodeSettings | None = None,
+                   batch_size: int = 64, need_weights: bool = False) -> list[Caption]:
+    """Caption every sample (rendered scene or image file), in order."""
+    from captioner.data.sources import sample_image
+
+    settings = settings or DecodeSettings()
+    opts = SearchOptions(bos_id=vocab.bos_id, eos_id=vocab.eos_id, max_len=settings.max_len,
+                         pad_id=vocab.pad_id, unk_id=vocab.unk_id)
+    was_training = model.training
+    model.eval()
+    captions: list[Caption] = []
+    for chunk in _batches(samples, batch_size):
+        images = torch.stack([preprocess(sample_image(s)) for s in chunk]).to(device)
+        if settings.beam == 1 and settings.no_repeat_ngram == 0:
+            hyps = greedy(model, images, opts, need_weights=need_weights)
+        else:
+            hyps = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
+                               no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights)
+        for h in hyps:
+            text = vocab.decode(h.tokens)
+            captions.append(Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid))
+    model.train(was_training)
+    return captions
+
+
+def evaluate_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabulary, preprocess: Preprocess, *,
+                     device: torch.device | str = "cpu", max_len: int = 30, settings: DecodeSettings | None = None,
+                     batch_size: int = 64, java: bool | None = None, synthetic: bool = False,
+                     grounding: bool = False) -> EvalReport:
+    """Decode `samples` (never teacher-forced) and score the captions against their references."""
+    settings = settings or DecodeSettings(max_len=max_len)
+    need_weights = grounding and synthetic
+    captions = decode_samples(model, samples, vocab, preprocess, device=device, settings=settings,
+                              batch_size=batch_size, need_weights=need_weights)
+    predictions = {s.image_id: c.text for s, c in zip(samples, captions, strict=True)}
+    references = {s.image_id: s.captions for s in samples}
+    report = score_predictions(predictions, references, java=java)
+    if synthetic:
+        report.accuracy = synthetic_accuracy(samples, predictions)
+        if need_weights:
+            report.grounding = synthetic_grounding(samples, captions)
+    return report
+
+
+def score_predictions(predictions: dict[str, str], references: dict[str, list[str]], *,
+                      java: bool | None = None) -> EvalReport:
+    """Score captions from any system against references (the `--predictions` path uses this alone)."""
+    from captioner.metrics import diversity, score_captions
+
+    scores = score_captions(references, predictions, java=java)
+    return EvalReport(predictions, references, dict(scores.values), scores.tokenizer, list(scores.notes),
+                      diversity(list(predictions.values())))
+
+
+def synthetic_accuracy(samples: Sequence[Sample], predictions: dict[str, str]) -> float:
+    """Share of captions whose every claim is true and that mention every object of their scene."""
+    from captioner.data.synthetic import check_caption
+
+    checked = [check_caption(s.scene, predictions[s.image_id]).accurate for s in samples if s.scene is not None]
+    return sum(checked) / max(len(checked), 1)
+
+
+def synthetic_grounding(samples: Sequence[Sample], captions: Sequence[Caption]) -> dict[str, float]:
+    """Pointing game over colour/shape words: does the last layer's mean-head attention peak in the box?"""
+    from captioner.metrics import pointing_game
+
+    hits = total = 0
+    chance: list[float] = []
+    for s, c in zip(samples, captions, strict=True):
+        if s.scene is None or c.cross is None or c.grid is None:
+            continue
+        h, w = c.grid
+        maps = c.cross[: len(c.words), -1].mean(dim=1).reshape(-1, h, w).numpy()  # (T, h, w)
+        boxes = s.scene.word_boxes(c.text)
+        size = (s.scene.image_size, s.scene.image_size)
+        result = pointing_game(maps, boxes, size)
+        hits += result.hits
+        total += result.total
+        chance.extend(result.chances)
+    return {"hit_rate": hits / max(total, 1), "chance": sum(chance) / max(len(chance), 1), "words": float(total)}
+
+
+@dataclass
+class EvaluateResult:
+    """What `captioner evaluate` shows: the report, a title saying what was scored, the saved captions."""
+
+    report: EvalReport
+    title: str
+    results_file: Path | None = None
+
+
+def read_predictions(path: Path) -> dict[str, str]:
+    """Read a COCO results file `[{"image_id": ..., "caption": ...}]` (ids compared as strings)."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: predictions file not found") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a list of {{\"image_id\", \"caption\"}} objects")
+    predictions: dict[str, str] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "image_id" not in item or not isinstance(item.get("caption"), str):
+            raise DataError(f"{path}: entry {i} needs \"image_id\" and a string \"caption\"")
+        predictions[str(item["image_id"])] = item["caption"]
+    return predictions
+
+
+def write_predictions(path: Path, predictions: dict[str, str]) -> None:
+    """Save captions in the COCO results format (numeric ids written as numbers, as COCO tools expect)."""
+    from captioner.checkpoint import write_json
+
+    write_json(path, [{"image_id": int(k) if k.isdigit() else k, "caption": v} for k, v in predictions.items()])
+
+
+def run_evaluate(*, model: Path | None, data: str | None, images: str | None, format: str, split: str,
+                 predictions: Path | None, settings: DecodeSettings, limit: int | None, batch_size: int,
+                 java: bool | None, out: Path | None, device: str) -> EvaluateResult:
+    """Evaluate a run on a split (default: the data it was trained on), or score a predictions file."""
+    from captioner.data.sources import load_samples
+
+    if predictions is not None:
+        if data is None:
+            raise DataError("--predictions needs --data with the reference captions")
+        samples = [s for s in load_samples(data, images=images, format=format) if s.split == split]
+        predicted = read_predictions(predictions)
+        by_id = {s.image_id: s for s in samples}
+        unknown = [k for k in predicted if k not in by_id]
+        if unknown:
+            raise DataError(f"{predictions}: {len(unknown)} image ids are not in the {split} split of {data} "
+                            f"(first: {unknown[:3]})")
+        missing = [k for k in by_id if k not in predicted]
+        report = score_predictions(predicted, {k: by_id[k].captions for k in predicted}, java=java)
+        if missing:
+            report.notes.append(f"{len(missing)} images of the {split} split have no prediction; scored the rest")
+        return EvaluateResult(report, f"{predictions} on {data} ({split}, {len(predicted)} images)")
+
+    from captioner.api import Captioner
+
+    captioner = Captioner.load(model, device=device)
+    run_config = captioner.run.config
+    train_options = run_config.get("train", {})
+    if data is None and train_options.get("data") is not None:
+        data, images = train_options.get("data"), images or train_options.get("images")
+        format = train_options.get("format", format)
+    world = {k: train_options[k] for k in ("synth_train", "synth_val", "synth_test", "seed") if k in train_options}
+    samples = [s for s in load_samples(data, images=images, format=format, **world) if s.split == split]
+    if limit is not None:
+        samples = samples[:limit]
+    # Scenes of the built-in world (rendered, or read back from `data synth` files) know their truth.
+    synthetic = bool(samples) and all(s.scene is not None for s in samples)
+    if not samples:
+        raise DataError(f"the {split} split of {data or 'the synthetic world'} is empty")
+    report = evaluate_samples(captioner.model, samples, captioner.vocab, captioner.preprocess,
+                              device=captioner.device, settings=settings, batch_size=batch_size, java=java,
+                              synthetic=synthetic, grounding=synthetic)
+    results_file = out or captioner.run.run_dir / f"captions_{split}.json"
+    write_predictions(results_file, report.predictions)
+    source = data or "synthetic world"
+    search = "greedy" if settings.beam == 1 else f"beam {settings.beam}"
+    title = f"{captioner.run.run_dir} on {source} ({split}, {len(samples)} images, {search})"
+    return EvaluateResult(report, title, results_file)

@@ -1,0 +1,107 @@
+"""CaptionModel: an image encoder (CNN or ViT) and a Transformer decoder that attends to its memory."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from captioner.config import ModelConfig
+from captioner.models.decoder import DecoderState, TransformerDecoder
+from captioner.models.encoders import Encoded, build_encoder
+
+__all__ = ["CaptionModel", "DecoderState", "Encoded"]
+
+# Parameters that AdamW must not decay: scales and shifts of norms, and vectors looked up rather than
+# multiplied (embeddings, positions, the CLS slot). Decaying them pulls them to zero for no benefit.
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
+NO_DECAY_NAMES = ("pos_embedding", "cls_token", "class_token")
+
+
+class CaptionModel(nn.Module):
+    """Image captioner: encode images to memory (B, N, D), decode tokens with cross-attention to it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = build_encoder(config)
+        self.decoder = TransformerDecoder(config)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # nanoGPT-style: small normal weights and zero biases, with the residual projections (to_out)
+        # scaled down by the number of residual sums they feed, so the stream's variance does not grow
+        # with depth. The torchvision backbone keeps its own init (or the pretrained weights just loaded).
+        cfg = self.config
+        for name, module in self.named_modules():
+            if name.startswith("encoder.backbone") or module is self.decoder.head:  # head: tied to the embedding
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                # Small, like the rest: the tied output layer then starts with near-zero logits, so the
+                # first loss is ln(V) (a uniform guess) rather than a confident wrong one.
+                nn.init.normal_(module.weight, std=0.02)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+        for name, p in self.named_parameters():
+            if name.endswith("to_out.weight") and not name.startswith("encoder.backbone"):
+                sums = 3 * cfg.n_layers if name.startswith("decoder.") else 2 * max(cfg.enc_layers, 1)
+                nn.init.normal_(p, std=0.02 / math.sqrt(sums))
+
+    # -- the two halves ---------------------------------------------------------------------------------
+
+    def encode(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """Images (B, 3, S, S) -> Encoded(memory (B, N, D), grid (h, w)); ViT self-attention if need_weights."""
+        return self.encoder(images, need_weights=need_weights)
+
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
+               need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Whole-prefix pass (the naive path): logits (B, T, V), cross-attention weights (L, B, H, T, N) | None."""
+        _check_tokens(tokens)
+        return self.decoder(tokens, memory, pad_mask=pad_mask, need_weights=need_weights)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, *,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: images (B, 3, S, S), decoder inputs (B, T) (<bos> + caption) -> logits (B, T, V)."""
+        assert images.shape[0] == tokens.shape[0], \
+            f"{images.shape[0]} images but {tokens.shape[0]} token rows"
+        logits, _ = self.decode(self.encode(images).memory, tokens, pad_mask=pad_mask)
+        return logits
+
+    # -- incremental decoding ---------------------------------------------------------------------------
+
+    def start(self, memory: torch.Tensor) -> DecoderState:
+        """Decoding state for memory (B, N, D): cross-attention K/V computed once, empty self-attention caches."""
+        return self.decoder.start(memory)
+
+    def step(self, tokens: torch.Tensor, state: DecoderState, *,
+             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row (B,) -> (logits (B, V), cross weights (L, B, H, N) | None); the caches grow by one."""
+        _check_tokens(tokens)
+        return self.decoder.step(tokens, state, need_weights=need_weights)
+
+    # -- optimisation -------------------------------------------------------------------------------------
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on weight matrices; none on norms, biases, embeddings, positions, CLS slots."""
+        exempt: set[int] = set()
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                # dim < 2: biases and norm scales; a tied weight is exempt if any of its owners says so.
+                if isinstance(module, NO_DECAY_MODULES) or name in NO_DECAY_NAMES or p.dim() < 2:
+                    exempt.add(id(p))
+        params = list(self.parameters())  # each shared parameter once
+        return [
+            {"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0},
+        ]
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    assert tokens.dtype == torch.long, f"tokens must be token ids (torch.long), got {tokens.dtype}"

@@ -1,0 +1,143 @@
+"""The Transformer decoder: token embedding + positions, layers of masked self-attention, cross-attention
+to the image memory and feed-forward, and an output layer tied to the embedding.
+
+Two ways to run it, one result: `forward` decodes a whole prefix at once under a causal mask (training,
+and the naive reference), `start` + `step` decode one token at a time with KV caches (inference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from captioner.config import ModelConfig
+from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, causal_mask
+from captioner.models.positional import sinusoidal_1d
+
+
+@dataclass
+class DecoderState:
+    """Incremental decoding state: each layer's self-attention cache and precomputed cross-attention K/V."""
+
+    self_caches: list[KVCache]  # grow by one position per step
+    cross_caches: list[KVCache]  # frozen: the image memory's K/V, computed once
+    position: int = 0  # absolute position of the next token (for its positional encoding)
+    batch_size: int = 0  # rows of every cache (changes with reorder)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B',) of every cache in that order; rows may repeat (images x beams)."""
+        assert index.dim() == 1 and index.dtype == torch.long, f"index must be a 1-D LongTensor, got {index.shape}"
+        for cache in (*self.self_caches, *self.cross_caches):
+            cache.reorder(index)
+        self.batch_size = index.shape[0]
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention -> cross-attention to the memory -> feed-forward, each with residual + LayerNorm.
+
+    Pre-LN (`norm_first`, the default) normalises each sublayer's input and keeps the residual stream
+    untouched, which trains stably without warm-up tricks; post-LN normalises after each residual sum
+    as in Vaswani et al.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        D, H = config.d_model, config.n_heads
+        self.norm_first = config.norm_first
+        self.self_attn = MultiHeadAttention(d_model=D, n_heads=H, dropout=config.dropout)
+        self.cross_attn = MultiHeadAttention(d_model=D, n_heads=H, dropout=config.dropout, score=config.cross_score)
+        self.ff = FeedForward(d_model=D, d_ff=config.d_ff, dropout=config.dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, *, mask: torch.Tensor | None = None,
+                self_cache: KVCache | None = None, cross_cache: KVCache | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D), memory (B, N, D) -> (x (B, T, D), cross-attention weights (B, H, T, N) | None).
+
+        `mask` (broadcastable to (B, H, T, T)) is the self-attention mask; memory may be None when
+        `cross_cache` holds its keys and values.
+        """
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + self.dropout(self.self_attn(h, h, h, mask=mask, cache=self_cache)[0])
+            out, weights = self.cross_attn(self.norm2(x), memory, memory, cache=cross_cache,
+                                           need_weights=need_weights)
+            x = x + self.dropout(out)
+            x = x + self.dropout(self.ff(self.norm3(x)))
+        else:
+            x = self.norm1(x + self.dropout(self.self_attn(x, x, x, mask=mask, cache=self_cache)[0]))
+            out, weights = self.cross_attn(x, memory, memory, cache=cross_cache, need_weights=need_weights)
+            x = self.norm2(x + self.dropout(out))
+            x = self.norm3(x + self.dropout(self.ff(x)))
+        return x, weights
+
+
+class TransformerDecoder(nn.Module):
+    """Token embedding (x sqrt(D)) + sinusoidal positions -> DecoderLayers -> LayerNorm -> tied output layer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        D = config.d_model
+        self.d_model = D
+        self.embed = nn.Embedding(config.vocab_size, D, padding_idx=config.pad_id)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        # Pre-LN leaves the residual stream unnormalised, so it needs a final norm; post-LN already ends on one.
+        self.norm = nn.LayerNorm(D) if config.norm_first else nn.Identity()
+        # Tied output layer (Press & Wolf): the logit of word v is the similarity of the state to v's embedding.
+        self.head = nn.Linear(D, config.vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+
+    def _embed(self, tokens: torch.Tensor, *, offset: int) -> torch.Tensor:
+        B, T = tokens.shape
+        # x sqrt(D) as in Vaswani et al.: the tied embedding's rows stay small (they are also the output
+        # layer), and the scaling lets the token signal keep up with the unit-scale positions.
+        x = self.embed(tokens) * math.sqrt(self.d_model)  # (B, T, D)
+        x = x + sinusoidal_1d(T, self.d_model, offset=offset, device=x.device, dtype=x.dtype)
+        return self.dropout(x)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Whole prefixes: tokens (B, T), memory (B, N, D) -> logits (B, T, V), cross weights (L, B, H, T, N) | None."""
+        B, T = tokens.shape
+        assert memory.dim() == 3 and memory.shape[0] == B, f"memory must be (B={B}, N, D), got {tuple(memory.shape)}"
+        mask = causal_mask(T, tokens.device)  # (T, T): position t sees 0..t
+        if pad_mask is not None:
+            assert pad_mask.shape == (B, T) and pad_mask.dtype == torch.bool, \
+                f"pad_mask must be bool {(B, T)} (True = padding), got {pad_mask.dtype} {tuple(pad_mask.shape)}"
+            mask = mask & ~pad_mask[:, None, None, :]  # (B, 1, T, T): padding is never a key
+        x = self._embed(tokens, offset=0)  # (B, T, D)
+        crosses = []
+        for layer in self.layers:
+            x, weights = layer(x, memory, mask=mask, need_weights=need_weights)
+            crosses.append(weights)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        return logits, (torch.stack(crosses) if need_weights else None)  # (L, B, H, T, N)
+
+    def start(self, memory: torch.Tensor) -> DecoderState:
+        """Empty self-attention caches, and every layer's cross-attention K/V of memory (B, N, D) computed once."""
+        assert memory.dim() == 3 and memory.shape[-1] == self.d_model, \
+            f"memory must be (B, N, D={self.d_model}), got {tuple(memory.shape)}"
+        return DecoderState(self_caches=[KVCache() for _ in self.layers],
+                            cross_caches=[layer.cross_attn.precompute(memory) for layer in self.layers],
+                            batch_size=memory.shape[0])
+
+    def step(self, tokens: torch.Tensor, state: DecoderState, *,
+             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed one token per row: tokens (B,) -> (logits (B, V), cross weights (L, B, H, N) | None); state advances."""
+        assert tokens.dim() == 1, f"step takes one token per row (B,), got {tuple(tokens.shape)}"
+        assert tokens.shape[0] == state.batch_size, \
+            f"state holds {state.batch_size} rows but {tokens.shape[0]} tokens were given (reorder the state?)"
+        x = self._embed(tokens[:, None], offset=state.position)  # (B, 1, D)
+        crosses = []
+        for layer, self_cache, cross_cache in zip(self.layers, state.self_caches, state.cross_caches, strict=True):
+            # No mask: the one new query may see every cached position, which are all in its past.
+            x, weights = layer(x, None, self_cache=self_cache, cross_cache=cross_cache, need_weights=need_weights)
+            crosses.append(weights)
+        state.position += 1
+        logits = self.head(self.norm(x))[:, 0]  # (B, V)
+        return logits, (torch.stack(crosses)[:, :, :, 0] if need_weights else None)  # (L, B, H, N)

@@ -1,0 +1,326 @@
+"""Image encoders: a ResNet feature map or ViT patches, both returned as a row-major sequence of regions.
+
+Every encoder maps images (B, 3, H, W) to `Encoded(memory (B, N, D), grid (h, w))` with N = h*w and
+region index = row*w + col, so cross-attention weights over N fold back into an h x w map. The grid
+follows the input: images of another size than the training size give another grid.
+
+Pretrained backbones are read from local files only: `config.backbone_weights`, or torchvision's own
+cache (`torch.hub.get_dir()/checkpoints`) when `config.pretrained` is set. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from captioner.config import ModelConfig
+from captioner.errors import ConfigError
+from captioner.models.attention import FeedForward, MultiHeadAttention
+from captioner.models.positional import sinusoidal_2d
+
+
+@dataclass
+class Encoded:
+    """An encoder's output: memory over an h x w grid (row-major), plus ViT self-attention when asked."""
+
+    memory: torch.Tensor  # (B, N, D), N = h*w, index = row*w + col
+    grid: tuple[int, int]  # (h, w)
+    attn: list[torch.Tensor] | None = None  # per encoder layer (B, H, N', N'); N' counts the CLS slot if any
+
+
+def _check_images(images: torch.Tensor) -> None:
+    assert images.dim() == 4 and images.shape[1] == 3, f"expected images (B, 3, H, W), got {tuple(images.shape)}"
+    assert images.is_floating_point(), f"expected float images (normalised), got {images.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pretrained backbones: where the weights come from, how they are checked, how freezing works
+
+
+def cached_weights_file(arch: str) -> Path:
+    """Torchvision's cached ImageNet weights file for `arch`; ConfigError naming the file when it is absent."""
+    weights = torchvision.models.get_model_weights(arch)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    # The default weights first, then any other release of the same architecture the user may have.
+    for choice in [weights.DEFAULT, *(w for w in weights if w is not weights.DEFAULT)]:
+        path = folder / Path(urlparse(choice.url).path).name
+        if path.is_file():
+            return path
+    name = Path(urlparse(weights.DEFAULT.url).path).name
+    raise ConfigError(f"pretrained {arch} weights not found (never downloaded): put {name} "
+                      f"(from {weights.DEFAULT.url}) in {folder}/, or pass --backbone-weights FILE")
+
+
+def read_backbone_weights(config: ModelConfig, arch: str) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The state dict to start the backbone from and where it came from, or None for random weights."""
+    if config.backbone_weights:
+        path = Path(config.backbone_weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"backbone weights file not found: {path}")
+    elif config.pretrained:
+        path = cached_weights_file(arch)
+    else:
+        return None
+    try:
+        # weights_only: a state dict is plain tensors, and loading must never run code from the file.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"cannot read backbone weights {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} is not a state dict (a mapping of names to tensors) of {arch} weights")
+    return dict(state), str(path)
+
+
+def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], *, source: str, arch: str) -> None:
+    """Load `state` into `module` requiring the same keys and shapes; ConfigError saying what differs."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ConfigError(f"{source} does not hold {arch} weights: {len(missing)} missing keys {missing[:3]}, "
+                          f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    wrong = [k for k in own if own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"{source} does not hold {arch} weights: {k} has shape {tuple(state[k].shape)}, "
+                          f"expected {tuple(own[k].shape)}")
+    module.load_state_dict(state)
+
+
+class Encoder(nn.Module):
+    """Base of the encoders: the one place that decides pretrained loading and freezing of `backbone`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone: nn.Module | None = None  # the pretrainable part (torchvision body); None for our ViT
+        self.frozen = False
+
+    def setup_backbone(self, config: ModelConfig, arch: str | None) -> None:
+        """Load local pretrained weights into `backbone` and freeze it, as the config asks."""
+        if self.backbone is None:
+            if config.pretrained or config.backbone_weights or config.freeze_backbone:
+                raise ConfigError("pretrained, backbone_weights and freeze_backbone need a torchvision backbone: "
+                                  "use the cnn encoder or vit_backbone=vit_b_16")
+            return
+        found = read_backbone_weights(config, arch)
+        if found is not None:
+            state, source = found
+            self.load_backbone(state, source=source)
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.frozen = True
+            self.backbone.eval()
+
+    def load_backbone(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        """Load a torchvision state dict into `backbone` (subclasses drop the keys of parts they do not keep)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> Encoder:
+        """Switch train/eval mode; a frozen backbone stays in eval so its BatchNorm statistics never move."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CNN encoder
+
+
+def _out_channels(stage: nn.Module) -> int:
+    # A ResNet stage ends with the last block's last BatchNorm (bn2 of a BasicBlock, bn3 of a Bottleneck).
+    return [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
+class CNNEncoder(Encoder):
+    """ResNet feature map (B, C, h, w) flattened row-major to N = h*w regions, projected to D, plus 2-D positions."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        resnet = torchvision.models.get_model(config.cnn_arch, weights=None)
+        # Named stages, not children()[:-2]: the kept layers are explicit and their state-dict keys stay
+        # torchvision's, so torchvision weight files load as they are. Stride 16 stops after layer3.
+        self.stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
+        if config.cnn_stride == 32:
+            self.stages.append("layer4")
+        self.arch = config.cnn_arch
+        self.backbone = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in self.stages))
+        self.proj = nn.Linear(_out_channels(self.backbone[-1]), config.d_model)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.setup_backbone(config, config.cnn_arch)
+
+    def load_backbone(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        """Load a torchvision ResNet state dict: strict for the kept stages; fc and a dropped layer4 ignored."""
+        ignorable = {"fc"} | ({"layer4"} if "layer4" not in self.stages else set())
+        kept = {k: v for k, v in state.items() if k.split(".", 1)[0] not in ignorable}
+        load_exactly(self.backbone, kept, source=source, arch=self.arch)
+
+    def forward(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """Images (B, 3, H, W) -> memory (B, h*w, D) with h, w = H/stride, W/stride; no attention weights."""
+        _check_images(images)
+        features = self.backbone(images)  # (B, C, h, w)
+        B, C, h, w = features.shape
+        regions = features.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major: index = row*w + col
+        memory = self.norm(self.proj(regions))  # (B, N, D)
+        memory = memory + sinusoidal_2d(h, w, memory.shape[-1], device=memory.device, dtype=memory.dtype)
+        return Encoded(self.dropout(memory), (h, w), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ViT encoders
+
+
+def resize_positions(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Learned grid positions (1, h0*w0, D) resized bicubically to another grid (1, h*w, D), row-major."""
+    if old == new:
+        return pos
+    (h0, w0), (h, w), D = old, new, pos.shape[-1]
+    assert pos.shape[1] == h0 * w0, f"expected {h0 * w0} positions for a {h0}x{w0} grid, got {pos.shape[1]}"
+    grid = pos.reshape(1, h0, w0, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, D)  # (1, h*w, D)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN Transformer encoder layer: x + self-attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model=d_model, d_ff=d_ff, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, N', D) -> (x (B, N', D), self-attention weights (B, H, N', N') | None)."""
+        h = self.norm1(x)
+        out, weights = self.attn(h, h, h, need_weights=need_weights)
+        x = x + self.dropout(out)
+        x = x + self.dropout(self.ff(self.norm2(x)))
+        return x, weights
+
+
+class ViTEncoder(Encoder):
+    """Vision Transformer (Dosovitskiy et al.): patches -> linear embedding + 2-D positions -> pre-LN layers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        D, p = config.d_model, config.patch_size
+        self.patch_size = p
+        self.train_grid = (config.image_size // p, config.image_size // p)
+        # A conv with kernel = stride = p is the per-patch linear map of flattened p x p x 3 pixels.
+        self.to_patch_embedding = nn.Conv2d(3, D, kernel_size=p, stride=p)
+        # Learned positions exist for the training grid only and are resized for other grids;
+        # sinusoidal ones are computed for whatever grid arrives.
+        self.pos_embedding = None
+        if config.vit_pos == "learned":
+            self.pos_embedding = nn.Parameter(torch.zeros(1, self.train_grid[0] * self.train_grid[1], D))
+            nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        # The CLS slot gives the layers a global summary token; the decoder only sees the regions.
+        self.cls_token = None
+        if config.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout)
+            for _ in range(config.enc_layers)
+        )
+        self.norm = nn.LayerNorm(D)
+        self.setup_backbone(config, None)
+
+    def positions(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """Positions (1, h*w, D) of an h x w patch grid."""
+        if self.pos_embedding is None:
+            return sinusoidal_2d(h, w, like.shape[-1], device=like.device, dtype=like.dtype)[None]
+        return resize_positions(self.pos_embedding, self.train_grid, (h, w))
+
+    def forward(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """Images (B, 3, H, W), H and W multiples of the patch size -> memory (B, N, D), grid (H/p, W/p)."""
+        _check_images(images)
+        B, _, H, W = images.shape
+        p = self.patch_size
+        assert H % p == 0 and W % p == 0, f"image size {H}x{W} must be a multiple of the patch size {p}"
+        x = self.to_patch_embedding(images)  # (B, D, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), row-major: index = row*w + col
+        x = x + self.positions(h, w, x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = self.dropout(x)
+        attn = []
+        for layer in self.layers:
+            x, weights = layer(x, need_weights=need_weights)  # weights (B, H, N', N') | None
+            attn.append(weights)
+        x = self.norm(x)
+        memory = x[:, 1:] if self.cls_token is not None else x  # (B, N, D): the CLS slot is not a region
+        return Encoded(memory, (h, w), attn if need_weights else None)
+
+
+class TorchvisionViTEncoder(Encoder):
+    """Torchvision's ViT-B/16 body (local ImageNet weights only): its 768-d patch tokens projected to D.
+
+    Its own attention weights are not exposed, so `need_weights` gives `attn=None` (no rollout).
+    """
+
+    patch_size = 16
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.image_size % self.patch_size:
+            raise ConfigError(f"vit_b_16 needs image_size divisible by 16, got {config.image_size}")
+        self.train_grid = (config.image_size // 16, config.image_size // 16)
+        self.backbone = torchvision.models.get_model("vit_b_16", weights=None, image_size=config.image_size)
+        # The ImageNet classifier is not used; replacing it keeps every remaining parameter trained.
+        self.backbone.heads = nn.Identity()
+        width = self.backbone.hidden_dim
+        self.proj = nn.Linear(width, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.setup_backbone(config, "vit_b_16")
+
+    def load_backbone(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        """Load a torchvision vit_b_16 state dict; positions are resized when trained at another image size."""
+        state = {k: v for k, v in state.items() if not k.startswith("heads.")}
+        pos = state.get("encoder.pos_embedding")
+        own = self.backbone.encoder.pos_embedding
+        if pos is not None and pos.shape != own.shape and pos.shape[-1] == own.shape[-1]:
+            side = round((pos.shape[1] - 1) ** 0.5)  # square training grid, after the class token
+            patches = resize_positions(pos[:, 1:], (side, side), self.train_grid)
+            state["encoder.pos_embedding"] = torch.cat([pos[:, :1], patches], dim=1)
+        load_exactly(self.backbone, state, source=source, arch="vit_b_16")
+
+    def forward(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """Images (B, 3, H, W), H and W multiples of 16 -> memory (B, N, D), grid (H/16, W/16)."""
+        _check_images(images)
+        B, _, H, W = images.shape
+        assert H % 16 == 0 and W % 16 == 0, f"image size {H}x{W} must be a multiple of 16 for vit_b_16"
+        vit = self.backbone
+        # The body's parts are called one by one (not vit.forward) so any grid works: positions are
+        # resized to the grid, and the class token is dropped instead of classified.
+        x = vit.conv_proj(images)  # (B, 768, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, 768), row-major
+        x = torch.cat([vit.class_token.expand(B, -1, -1), x], dim=1)  # (B, 1+N, 768)
+        pos = vit.encoder.pos_embedding  # (1, 1 + training N, 768)
+        x = x + torch.cat([pos[:, :1], resize_positions(pos[:, 1:], self.train_grid, (h, w))], dim=1)
+        x = vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))  # (B, 1+N, 768)
+        memory = self.norm(self.proj(x[:, 1:]))  # (B, N, D): class token dropped
+        return Encoded(memory, (h, w), None)
+
+
+def build_encoder(config: ModelConfig) -> Encoder:
+    """The encoder the config names: CNNEncoder, ViTEncoder, or TorchvisionViTEncoder (vit_backbone=vit_b_16)."""
+    if config.encoder == "cnn":
+        return CNNEncoder(config)
+    if config.vit_backbone == "vit_b_16":
+        return TorchvisionViTEncoder(config)
+    return ViTEncoder(config)

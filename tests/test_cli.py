@@ -1,0 +1,138 @@
+"""The CLI wiring, end to end on a briefly trained run: train, caption, attend, evaluate, data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from captioner import __version__
+from captioner.cli import app
+
+from .conftest import TINY_MODEL
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    result = run("data", "synth", "--out", out, "--n", "6", "--split", "test", "--image-size", "48")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_commands_and_version() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("train", "caption", "attend", "evaluate", "data"):
+        assert command in result.output
+    assert run("--version").output.strip() == f"captioner {__version__}"
+    assert "synth" in run("data", "--help").output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["caption", "x.png", "--beam", "0"], "1<=x<=64"),
+    (["caption", "x.png", "--max-len", "-3"], "1<=x<=500"),
+    (["train", "--encoder", "rnn"], "'rnn' is not one of"),
+    (["train", "--image-size", "50", "--patch-size", "12", "--out", "never"], "divisible by patch_size"),
+    (["train", "--set", "n_heads=3", "--out", "never"], "divisible by n_heads"),
+])
+def test_bad_options_refused_before_work(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not Path("never").exists()
+
+
+def test_config_file_with_command_line_override(tmp_path: Path) -> None:
+    config = tmp_path / "train.toml"
+    model = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_MODEL.items())
+    config.write_text(
+        'encoder = "cnn"\nmax_steps = 50\nbatch_size = 8\nsynth_train = 32\nsynth_val = 8\nsynth_test = 8\n'
+        f'device = "cpu"\nprecision = "fp32"\n[model]\n{model}\n'
+    )
+    out = tmp_path / "run"
+    result = run("train", "--config", config, "--max-steps", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 2  # the command line wins
+    assert saved["train"]["encoder"] == "cnn" and saved["model"]["encoder"] == "cnn"  # the file applies
+    assert saved["model"]["d_model"] == TINY_MODEL["d_model"]
+    again = run("train", "--resume", out)
+    assert again.exit_code == 1 and "already finished" in again.output
+
+
+def test_caption_files_directory_and_bad_file(trained_run: Path, samples: Path, tmp_path: Path) -> None:
+    images = sorted((samples / "images").iterdir())
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    result = run("caption", images[0], images[1], bad, "--model", trained_run, "--json")
+    assert result.exit_code == 1  # some failed
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [Path(r["image"]).name for r in lines] == [images[0].name, images[1].name]
+    assert all(r["caption"] for r in lines)
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.output
+    whole = run("caption", samples / "images", "--model", trained_run, "--beam", "3")
+    assert whole.exit_code == 0, whole.output
+    assert images[-1].name in whole.stdout
+
+
+def test_caption_missing_model_is_one_line(samples: Path, tmp_path: Path) -> None:
+    image = next((samples / "images").iterdir())
+    result = run("caption", image, "--model", tmp_path / "nope")
+    assert result.exit_code == 1
+    assert "run directory not found" in result.output and "Traceback" not in result.output
+
+
+def test_attend_writes_overlays(trained_run: Path, samples: Path, tmp_path: Path) -> None:
+    image = sorted((samples / "images").iterdir())[0]
+    out = tmp_path / "attend"
+    result = run("attend", image, "--model", trained_run, "--out", out)
+    assert result.exit_code == 0, result.output
+    stem = image.stem
+    meta = json.loads((out / f"{stem}_attention.json").read_text())
+    words = meta["words"]
+    assert words
+    gif = Image.open(out / f"{stem}.gif")
+    assert gif.n_frames == len(words)
+    assert Image.open(out / f"{stem}_grid.png").size[0] > 0
+    assert len(list(out.glob(f"{stem}_[0-9][0-9]_*.png"))) == len(words)
+    assert str(out) in result.stdout
+
+
+def test_evaluate_run_and_predictions(trained_run: Path, samples: Path, tmp_path: Path) -> None:
+    result = run("evaluate", "--model", trained_run, "--limit", "8", "--json", "--no-java")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("BLEU-4", "CIDEr-D", "ROUGE-L", "accuracy", "grounding_hit_rate", "grounding_chance"):
+        assert key in report
+    assert 0 <= report["accuracy"] <= 1
+    saved = json.loads(Path(report["results_file"]).read_text())
+    assert len(saved) == 8 and {"image_id", "caption"} <= set(saved[0])
+
+    annotations = samples / "captions.json"
+    coco = json.loads(annotations.read_text())
+    refs: dict = {}
+    for a in coco["annotations"]:
+        refs.setdefault(a["image_id"], a["caption"])
+    predictions = tmp_path / "preds.json"
+    predictions.write_text(json.dumps([{"image_id": k, "caption": v} for k, v in refs.items()]))
+    scored = run("evaluate", "--predictions", predictions, "--data", annotations, "--split", "test", "--json",
+                 "--no-java")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["CIDEr-D"] > 1.0  # a reference scored against all five is very high
+
+
+def test_data_check(samples: Path) -> None:
+    result = run("data", "check", "--data", samples / "captions.json", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)

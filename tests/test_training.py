@@ -1,0 +1,166 @@
+"""The training loop: schedule, loss masking, exact resume, interruption, bad losses, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner import checkpoint
+from captioner.errors import CheckpointError
+from captioner.training import (
+    EpochSampler,
+    NonFiniteLoss,
+    TrainingInterrupted,
+    caption_loss,
+    lr_factor,
+    train,
+)
+
+from .conftest import TINY_MODEL, tiny_train_config
+
+
+def test_warmup_then_inverse_sqrt() -> None:
+    f = [lr_factor(s, warmup=10, schedule="inverse_sqrt", total=100) for s in range(1, 101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear ramp to the peak
+    assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
+    assert f[39] == pytest.approx(math.sqrt(10 / 40))  # then 1/sqrt(step)
+    assert max(f) == pytest.approx(1.0)
+
+
+def test_warmup_then_cosine_reaches_zero() -> None:
+    f = [lr_factor(s, warmup=10, schedule="cosine", total=100) for s in range(1, 101)]
+    assert f[9] == pytest.approx(1.0) and f[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+
+
+def test_loss_ignores_padding() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    targets = torch.tensor([[3, 4, 2, 0, 0], [5, 2, 0, 0, 0]])  # 0 = <pad>
+    loss = caption_loss(logits, targets, pad_id=0)
+    real = targets != 0
+    expected = torch.nn.functional.cross_entropy(logits[real], targets[real])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[~real].abs().sum() == 0  # padded positions get no gradient
+    changed = logits.detach().clone()
+    changed[~real] = 100.0
+    assert caption_loss(changed, targets, pad_id=0).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_shards() -> None:
+    full = EpochSampler(20, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    part = EpochSampler(20, seed=3)
+    part.set_epoch(2, start=8)
+    assert list(part) == order[8:]
+    ranks = [EpochSampler(20, seed=3, rank=r, world=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(order)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load_weights(run / checkpoint.LAST).model
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    """N steps + resume for N more == 2N steps straight (same seed, CPU)."""
+    straight = tmp_path / "straight"
+    train(tiny_train_config(max_steps=12, val_every=6), straight)
+    halves = tmp_path / "halves"
+    train(tiny_train_config(max_steps=6, val_every=6), halves)
+    first = _weights(halves)
+    train(tiny_train_config(max_steps=12, val_every=6), halves, resume=True)
+    a, b = _weights(straight), _weights(halves)
+    assert any(not torch.equal(first[k], b[k]) for k in b)  # the resume really trained
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    with pytest.raises(CheckpointError, match="already finished"):
+        train(tiny_train_config(max_steps=12, val_every=6), halves, resume=True)
+
+
+def test_new_run_refuses_existing_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_train_config(max_steps=2, val_every=2), run)
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        train(tiny_train_config(max_steps=2), run)
+
+
+def test_interrupt_saves_and_says_how_to_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+
+    with pytest.raises(TrainingInterrupted, match=f"--resume {run}"):
+        train(tiny_train_config(max_steps=40), run, on_event=on_event)
+    state = checkpoint.load_weights(run / checkpoint.LAST).train_state
+    assert state["step"] == 10 and not state["finished"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    train(tiny_train_config(max_steps=4, val_every=4), run)
+    good = (run / checkpoint.LAST).read_bytes()
+    import captioner.training as training
+
+    real_loss = training.caption_loss
+    calls = {"n": 0}
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(training, "caption_loss", exploding)
+    with pytest.raises(NonFiniteLoss, match="keeps the last good checkpoint"):
+        train(tiny_train_config(max_steps=10, val_every=4), run, resume=True)
+    assert (run / checkpoint.LAST).read_bytes() == good
+
+
+def test_metrics_and_config_written(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = train(tiny_train_config(max_steps=6, val_every=3), run)
+    records = checkpoint.read_jsonl(run / checkpoint.METRICS)
+    assert [r["step"] for r in records] == [3, 6]
+    for key in ("BLEU-4", "CIDEr-D", "accuracy", "distinct_share", "vocab_used", "mean_length"):
+        assert key in records[-1]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["d_model"] == TINY_MODEL["d_model"]
+    assert config["train"]["max_steps"] == 6
+    assert result.steps == 6
+    loaded = checkpoint.load_run(run)
+    assert loaded.model.config.d_model == TINY_MODEL["d_model"]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes: trains, only rank 0 writes, the run loads."""
+    run = tmp_path / "ddp"
+    cfg = tiny_train_config(max_steps=4, val_every=4)
+    config_file = tmp_path / "cfg.json"
+    options = cfg.to_dict()
+    options["model"] = options.pop("extra")
+    config_file.write_text(json.dumps(options))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "captioner", "train", "--config", str(config_file), "--out", str(run), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = checkpoint.load_weights(run / checkpoint.LAST).train_state
+    assert state["step"] == 4
+    assert checkpoint.load_run(run).model is not None
