@@ -426,7 +426,8 @@ def attend(
 ) -> None:
     """Write per-word attention overlays: where the decoder looked while writing each word."""
     from captioner.api import Captioner, DecodeSettings, collect_images
-    from captioner.overlay import explain_files, parse_layer
+    from captioner.attend import explain_files
+    from captioner.overlay import parse_layer
 
     layer_choice = parse_layer(layer)
     if heads not in ("mean", "all"):

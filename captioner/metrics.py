@@ -9,6 +9,7 @@ METEOR is left out. Which tokenizer ran, and why anything was skipped, is return
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -134,7 +135,8 @@ def java_ptb_tokenize(sentences: Sequence[str], *, timeout: float = 600.0) -> li
     if len(out) < len(lines):
         # The jar drops trailing empty lines; those sentences were empty anyway.
         out += [""] * (len(lines) - len(out))
-    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATION) for line in out[:len(lines)]]
+    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATION)
+            for line in out[:len(lines)]]
 
 
 # ----------------------------------------------------------------------------- corpus metrics
@@ -258,10 +260,8 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]], *, timeout: fl
             scorer.lock.release()
         for stream in (process.stdin, process.stdout, process.stderr):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         process.kill()
         process.wait()
 
@@ -273,7 +273,7 @@ def _ngrams(words: Sequence[str], n: int) -> Counter:
     # Every k-gram for k = 1..n as a tuple of words, counted (zip of shifted lists: one tuple per position).
     grams: list[tuple[str, ...]] = []
     for k in range(1, n + 1):
-        grams.extend(zip(*(words[i:] for i in range(k))))
+        grams.extend(zip(*(words[i:] for i in range(k)), strict=False))  # shorter shifts end first
     return Counter(grams)
 
 
@@ -352,7 +352,7 @@ class CiderD:
         """CIDEr-D of each candidate against its own references: (len(candidates),) float64."""
         if len(candidates) != len(refs_list):
             raise ValueError(f"{len(candidates)} candidates but {len(refs_list)} reference sets")
-        return np.array([self.score(c, r) for c, r in zip(candidates, refs_list)], dtype=np.float64)
+        return np.array([self.score(c, r) for c, r in zip(candidates, refs_list, strict=True)], dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- diversity
@@ -415,7 +415,10 @@ class PointingResult:
         return sum(self.chances) / len(self.chances) if self.chances else 0.0
 
 
-def pointing_game(maps: np.ndarray | Sequence[np.ndarray], word_boxes: Sequence[tuple[float, float, float, float] | None],
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels, x1 and y1 exclusive
+
+
+def pointing_game(maps: np.ndarray | Sequence[np.ndarray], word_boxes: Sequence[Box | None],
                   image_size: tuple[int, int]) -> PointingResult:
     """Count the words whose attention map peaks inside the box of the object they describe.
 
@@ -433,7 +436,7 @@ def pointing_game(maps: np.ndarray | Sequence[np.ndarray], word_boxes: Sequence[
         raise ValueError(f"image size must be positive, got {image_size}")
     hits = 0
     chances: list[float] = []
-    for attention, box in zip(maps, word_boxes):
+    for attention, box in zip(maps, word_boxes, strict=True):
         if box is None:
             continue
         grid = np.asarray(attention, dtype=np.float64)

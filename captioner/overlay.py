@@ -172,14 +172,14 @@ def word_grid(image: Image.Image, words: Sequence[str], maps: np.ndarray, *, tit
               for name, m in (extra_panels or {}).items()]
     if maps.ndim == 3:
         cells = first + [(heatmap_overlay(small, m, alpha=alpha), w, word_font, (0, 0, 0))
-                         for w, m in zip(words, maps)]
+                         for w, m in zip(words, maps, strict=True)]
         cols = cols or min(len(cells), max(4, math.ceil(math.sqrt(len(cells)))))
         rows = [cells[i:i + cols] for i in range(0, len(cells), cols)]
     else:
         heads = maps.shape[1]
         cols = cols or heads + 1
         rows = [first[i:i + cols] for i in range(0, len(first), cols)]
-        for w, m in zip(words, maps):  # m (H, h, w)
+        for w, m in zip(words, maps, strict=True):  # m (H, h, w)
             row = [(heatmap_overlay(small, m.mean(axis=0), alpha=alpha), w, word_font, (0, 0, 0))]
             row += [(heatmap_overlay(small, m[k], alpha=alpha), f"head {k}", text_font, (60, 60, 60))
                     for k in range(heads)]
@@ -194,8 +194,8 @@ def word_grid(image: Image.Image, words: Sequence[str], maps: np.ndarray, *, tit
     title_lines = _wrap(title, title_font, width - 2 * pad) if title else []
     title_h = len(title_lines) * _line_height(title_font) + (pad if title_lines else 0)
     row_labels = [[_wrap(label, font, cell_w) for _, label, font, _ in row] for row in rows]
-    label_hs = [max(len(lines) * _line_height(font) for lines, (_, _, font, _) in zip(labels, row))
-                for labels, row in zip(row_labels, rows)]
+    label_hs = [max(len(lines) * _line_height(font) for lines, (_, _, font, _) in zip(labels, row, strict=True))
+                for labels, row in zip(row_labels, rows, strict=True)]
     height = pad + title_h + sum(cell_h + lh + pad for lh in label_hs)
 
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -205,8 +205,8 @@ def word_grid(image: Image.Image, words: Sequence[str], maps: np.ndarray, *, tit
         draw.text((pad, y), line, fill=(0, 0, 0), font=title_font)
         y += _line_height(title_font)
     y += pad if title_lines else 0
-    for row, labels, label_h in zip(rows, row_labels, label_hs):
-        for c, ((img, _, font, colour), lines) in enumerate(zip(row, labels)):
+    for row, labels, label_h in zip(rows, row_labels, label_hs, strict=True):
+        for c, ((img, _, font, colour), lines) in enumerate(zip(row, labels, strict=True)):
             x = pad + c * (cell_w + pad)
             canvas.paste(img, (x + (cell_w - img.width) // 2, y))
             ty = y + cell_h + 2
@@ -266,7 +266,7 @@ def write_attention(out_dir: str | Path, stem: str, image: Image.Image, words: S
     frames: list[Image.Image] = []
     gif_image = _fit(rgb, gif_side)
     font, small_font = _font(max(14, gif_side // 16)), _font(max(10, gif_side // 30))
-    for i, (word, m) in enumerate(zip(words, per_word)):
+    for i, (word, m) in enumerate(zip(words, per_word, strict=True)):
         path = out / f"{stem}_{i:02d}_{sanitize(word)}.png"
         heatmap_overlay(shown, m).save(path)
         paths[f"word_{i:02d}"] = path
@@ -371,7 +371,7 @@ def attention_rollout(layer_weights: Sequence[np.ndarray], *, head_fusion: str =
         drop = int(discard_ratio * N)
         if drop:
             fused = fused.copy()
-            masked = fused + np.eye(N) * np.inf  # the diagonal is never among the smallest
+            masked = np.where(np.eye(N, dtype=bool), np.inf, fused)  # the diagonal is never among the smallest
             smallest = np.argsort(masked, axis=1, kind="stable")[:, :drop]  # (N, drop)
             np.put_along_axis(fused, smallest, 0.0, axis=1)
         if residual:
@@ -399,3 +399,49 @@ def rollout_map(rollout: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     total = row.sum()
     row = row / total if total > 0 else np.full_like(row, 1.0 / row.size)
     return row.reshape(h, w)
+
+
+# ----------------------------------------------------------------------------- the `attend` command
+
+
+def explain_files(captioner: Any, paths: Sequence[Path], settings: Any, *, out: Path | None = None,
+                  layer: int | str = -1, heads: str = "mean", rollout: bool = True
+                  ) -> tuple[list[tuple[Path, str, dict[str, Path]]], list[Exception]]:
+    """Caption image files with a `Captioner` and write their attention views (write_attention) per image.
+
+    Files go to `out`, or beside each image; the stem is the image's. With `rollout`, a ViT encoder's
+    attention rollout is added as an extra panel (a CNN has no self-attention: skipped). Returns the
+    written files per image and the images that could not be read (as errors, not raised).
+    """
+    import torch
+
+    from captioner.data.images import load_image
+    from captioner.errors import ImageError
+
+    results, failures = captioner.caption_files(list(paths), settings, need_weights=True)
+    failures = list(failures)
+    written: list[tuple[Path, str, dict[str, Path]]] = []
+    run_dir = getattr(getattr(captioner, "run", None), "run_dir", None)
+    for path, caption in results:
+        if caption.cross is None or caption.grid is None:
+            raise ValueError("the decoder returned no cross-attention weights")
+        try:
+            image = load_image(path)  # the original, EXIF-upright: overlays keep its size and aspect
+        except ImageError as err:
+            failures.append(err)
+            continue
+        cross = caption.cross[: len(caption.words)].float().cpu().numpy()  # (T, L, H, N), <eos> step dropped
+        maps = select_maps(cross, caption.grid, layer=layer, heads=heads)
+        extra: dict[str, np.ndarray] = {}
+        if rollout:
+            with torch.inference_mode():
+                encoded = captioner.model.encode(captioner.to_tensor([image]), need_weights=True)
+            if encoded.attn:
+                layers = [a[0].float().cpu().numpy() for a in encoded.attn]  # L x (H, N', N')
+                extra["encoder rollout"] = rollout_map(attention_rollout(layers), encoded.grid)
+        meta = {"image": str(path), "caption": caption.text, "layer": layer, "heads": heads,
+                "logprob": caption.logprob, "run": str(run_dir) if run_dir is not None else None}
+        files = write_attention(Path(out) if out is not None else Path(path).parent, Path(path).stem, image,
+                                caption.words, maps, extra_panels=extra, meta=meta)
+        written.append((Path(path), caption.text, files))
+    return written, failures

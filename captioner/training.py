@@ -243,12 +243,6 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
         state = weights.train_state
         if state is None:
             raise CheckpointError(f"{run_dir / checkpoint.LAST}: holds no training state to resume from")
-        if state.get("finished") and (cfg.max_steps is None or cfg.max_steps <= state["step"]) \
-                and cfg.epochs <= state["epoch"]:
-            raise CheckpointError(
-                f"{run_dir}: this run already finished ({state['step']} steps); "
-                "raise --epochs or --max-steps to train further"
-            )
     elif (run_dir / checkpoint.LAST).exists():
         raise CheckpointError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
 
@@ -300,6 +294,11 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images)"
         )
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if state is not None and state["step"] >= total_steps:
+        raise CheckpointError(
+            f"{run_dir}: this run already finished ({state['step']} of {total_steps} steps); "
+            "raise --epochs or --max-steps to train further"
+        )
 
     # ---- model and optimiser
     model = CaptionModel(model_config).to(device)
