@@ -208,6 +208,10 @@ def train(
     backbone_weights: Annotated[Path | None, typer.Option(help="Local backbone state-dict file.")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone/--finetune-backbone")] = None,
     cross_score: Annotated[Score | None, typer.Option(help="Cross-attention scoring function.")] = None,
+    vit_backbone: Annotated[str | None, typer.Option(help="ours or vit_b_16 (torchvision body, local weights).")
+                            ] = None,
+    vit_pos: Annotated[str | None, typer.Option(help="ViT positions: sinusoidal or learned.")] = None,
+    cls_token: Annotated[bool | None, typer.Option("--cls-token/--no-cls-token", help="ViT CLS slot.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model field override, e.g. d_model=256.")] = None,
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
     scst: Annotated[bool, typer.Option(help="Self-critical fine-tuning (CIDEr-D reward) of --resume RUN.")] = False,
@@ -229,7 +233,8 @@ def train(
     options.update({k: (v.value if isinstance(v, Enum) else v) for k, v in cli.items() if v is not None})
     model_cli = dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
                      pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
-                     freeze_backbone=freeze_backbone, cross_score=cross_score.value if cross_score else None)
+                     freeze_backbone=freeze_backbone, cross_score=cross_score.value if cross_score else None,
+                     vit_backbone=vit_backbone, vit_pos=vit_pos, cls_token=cls_token)
     model_overrides.update({k: v for k, v in model_cli.items() if v is not None})
     model_overrides.update(_parse_set(set_ or []))
 

@@ -129,6 +129,7 @@ class TrainConfig:
     synth_train: int = 6000  # scenes in the built-in world's splits
     synth_val: int = 200
     synth_test: int = 500
+    synth_max_objects: int = 3  # 1 gives the one-object world (used to check attention grounding)
     min_count: int = 1
     max_len: int = 30
     workers: int = 0

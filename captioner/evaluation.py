@@ -176,6 +176,21 @@ def write_predictions(path: Path, predictions: dict[str, str]) -> None:
     write_json(path, [{"image_id": int(k) if k.isdigit() else k, "caption": v} for k, v in predictions.items()])
 
 
+WORLD_OPTIONS = ("synth_train", "synth_val", "synth_test", "synth_max_objects", "seed")
+
+
+def run_samples(train_options: dict[str, Any], *, data: str | None = None, images: str | None = None,
+                format: str = "auto") -> list[Sample]:
+    """The samples a run was trained on, rebuilt from its stored training options (or `data` instead)."""
+    from captioner.data.sources import load_samples
+
+    if data is None and train_options.get("data") is not None:
+        data, images = train_options["data"], images or train_options.get("images")
+        format = train_options.get("format", format)
+    world = {k: train_options[k] for k in WORLD_OPTIONS if k in train_options}
+    return load_samples(data, images=images, format=format, **world)
+
+
 def run_evaluate(*, model: Path | None, data: str | None, images: str | None, format: str, split: str,
                  predictions: Path | None, settings: DecodeSettings, limit: int | None, batch_size: int,
                  java: bool | None, out: Path | None, device: str) -> EvaluateResult:
@@ -203,11 +218,7 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
     captioner = Captioner.load(model, device=device)
     run_config = captioner.run.config
     train_options = run_config.get("train", {})
-    if data is None and train_options.get("data") is not None:
-        data, images = train_options.get("data"), images or train_options.get("images")
-        format = train_options.get("format", format)
-    world = {k: train_options[k] for k in ("synth_train", "synth_val", "synth_test", "seed") if k in train_options}
-    samples = [s for s in load_samples(data, images=images, format=format, **world) if s.split == split]
+    samples = [s for s in run_samples(train_options, data=data, images=images, format=format) if s.split == split]
     if limit is not None:
         samples = samples[:limit]
     # Scenes of the built-in world (rendered, or read back from `data synth` files) know their truth.

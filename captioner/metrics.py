@@ -122,7 +122,8 @@ def java_ptb_tokenize(sentences: Sequence[str], *, timeout: float = 600.0) -> li
     through to our stderr. Here the file lives in a private temporary folder and stderr is captured.
     """
     jar = Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
-    lines = [s.replace("\n", " ").replace("\r", " ") for s in sentences]
+    # One sentence per line: fold every kind of whitespace (newlines, U+2028, ...) into single spaces.
+    lines = [" ".join(s.split()) for s in sentences]
     with tempfile.TemporaryDirectory(prefix="captioner-ptb-") as tmp:
         src = Path(tmp) / "sentences.txt"
         src.write_text("\n".join(lines), encoding="utf-8")
@@ -130,11 +131,13 @@ def java_ptb_tokenize(sentences: Sequence[str], *, timeout: float = 600.0) -> li
                str(src)]
         done = subprocess.run(cmd, cwd=tmp, capture_output=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"PTBTokenizer exited with {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}")
+        stderr = done.stderr.decode(errors="replace").strip()[-300:]
+        raise RuntimeError(f"PTBTokenizer exited with {done.returncode}: {stderr}")
     out = done.stdout.decode("utf-8").split("\n")
-    if len(out) < len(lines):
-        # The jar drops trailing empty lines; those sentences were empty anyway.
-        out += [""] * (len(lines) - len(out))
+    if any(out[len(lines):]):
+        raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(lines)} sentences")
+    # The jar may drop trailing empty lines; those sentences were empty anyway.
+    out += [""] * (len(lines) - len(out))
     return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATION)
             for line in out[:len(lines)]]
 
@@ -173,7 +176,7 @@ def score_captions(references: dict[str, list[str]], predictions: dict[str, str]
     notes: list[str] = []
     use_java = java_available() if java is None else java
     if use_java and java is not None and not java_available():
-        notes.append("--java asked for but no working `java` on PATH; used the Python PTB tokenizer, no METEOR")
+        notes.append("Java was asked for but no working `java` is on PATH: used the Python PTB tokenizer")
         use_java = False
 
     tokenizer = "ptb-python"
@@ -183,7 +186,7 @@ def score_captions(references: dict[str, list[str]], predictions: dict[str, str]
             tokens = java_ptb_tokenize(flat)
             tokenizer = "ptb-java"
         except (OSError, subprocess.SubprocessError, RuntimeError, UnicodeDecodeError) as err:
-            notes.append(f"Java PTBTokenizer failed ({_short(err)}); used the Python PTB tokenizer, no METEOR")
+            notes.append(f"Java PTBTokenizer failed ({_short(err)}): used the Python PTB tokenizer")
             use_java = False
     if tokenizer == "ptb-java":
         res = {i: [tokens[k]] for k, i in enumerate(ids)}
@@ -207,10 +210,10 @@ def score_captions(references: dict[str, list[str]], predictions: dict[str, str]
             meteor, meteor_each = _meteor(gts, res, timeout=meteor_timeout)
             values["METEOR"] = meteor
             per_image["METEOR"] = meteor_each
-        except Exception as err:  # noqa: BLE001 - METEOR is optional; any failure becomes a note
-            notes.append(f"METEOR failed ({_short(err)}); left out")
+        except Exception as err:  # METEOR is optional: whatever goes wrong with it becomes a note
+            notes.append(f"METEOR failed ({_short(err)}): left out")
     else:
-        notes.append("METEOR needs Java; left out")
+        notes.append("METEOR left out: it needs Java")
     rouge, rouge_each = Rouge().compute_score(gts, res)
     values["ROUGE-L"] = float(rouge)
     per_image["ROUGE-L"] = [float(x) for x in rouge_each]
@@ -285,11 +288,12 @@ class CiderD:
     reference's (min(c, r) * r) before the cosine; a Gaussian length penalty with sigma 6 on the difference
     of lengths (counted, like pycocoevalcap, as numbers of bigrams); mean over n, mean over references, x10.
     Text goes through `ptb_tokenize`, which leaves already tokenized text unchanged. Reference vectors are
-    cached per reference set (LRU, `cache_size` sets), since SCST scores the same references every epoch.
+    cached per reference set (LRU of `cache_size` sets, about 25 kB each for 5 references): SCST scores each
+    image's references for all its samples in a batch, and again every epoch when the training set fits.
     """
 
     def __init__(self, corpus_refs: Sequence[Sequence[str]], *, n: int = 4, sigma: float = 6.0,
-                 cache_size: int = 100_000) -> None:
+                 cache_size: int = 10_000) -> None:
         if not corpus_refs:
             raise ValueError("CiderD needs at least one reference set to compute document frequencies")
         self.n = n
@@ -307,7 +311,8 @@ class CiderD:
         self._cache: OrderedDict[tuple[str, ...], list] = OrderedDict()
 
     def _vector(self, words: list[str]) -> tuple[dict, list[float], int]:
-        # tf-idf weights keyed by n-gram (its length tells the order), per-order norms, bigram count.
+        # tf-idf weights keyed by n-gram (its length tells the order), per-order norms, and the length as
+        # pycocoevalcap counts it: bigrams (words - 1), which differs from words only for empty texts.
         idf, ref_len = self.idf, self.ref_len
         vec = {g: tf * idf.get(g, ref_len) for g, tf in _ngrams(words, self.n).items()}
         sq = [0.0] * self.n
@@ -411,7 +416,7 @@ class PointingResult:
 
     @property
     def chance(self) -> float:
-        """Expected hit rate of a peak placed uniformly at random: mean box area share."""
+        """Mean box area share: the hit rate of a peak placed uniformly at random over the image."""
         return sum(self.chances) / len(self.chances) if self.chances else 0.0
 
 

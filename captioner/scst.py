@@ -122,8 +122,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
                on_event: Event | None = None) -> TrainResult:
     """Fine-tune a cross-entropy run with SCST into `out` (default: `<run_dir>-scst`)."""
     from captioner.data.dataset import CaptionDataset, collate
-    from captioner.data.sources import load_samples
-    from captioner.evaluation import evaluate_samples
+    from captioner.evaluation import evaluate_samples, run_samples
     from captioner.metrics import CiderD
 
     emit = on_event or (lambda kind, data: None)
@@ -136,9 +135,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
     loaded = checkpoint.load_run(run_dir, which="best", device=str(device))
     model, vocab, preprocess = loaded.model, loaded.vocab, loaded.preprocess
     train_options = loaded.config.get("train", {})
-    world = {k: train_options[k] for k in ("synth_train", "synth_val", "synth_test", "seed") if k in train_options}
-    samples = load_samples(train_options.get("data"), images=train_options.get("images"),
-                           format=train_options.get("format", "auto"), **world)
+    samples = run_samples(train_options)
     synthetic = train_options.get("data") is None
     train_samples = [s for s in samples if s.split == "train"]
     val_samples = [s for s in samples if s.split == "val"] or [s for s in samples if s.split == "test"]

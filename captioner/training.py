@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     # ---- data: samples, vocabulary, preprocessing (a resume reuses the run's own vocabulary)
     torch.manual_seed(cfg.seed)
     samples = load_samples(cfg.data, images=cfg.images, format=cfg.format, synth_train=cfg.synth_train,
-                           synth_val=cfg.synth_val, synth_test=cfg.synth_test, seed=cfg.seed)
+                           synth_val=cfg.synth_val, synth_test=cfg.synth_test, seed=cfg.seed,
+                           synth_max_objects=cfg.synth_max_objects)
     if cfg.data is not None:
         _, bad = check_images(samples)
         if bad:

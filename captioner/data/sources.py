@@ -86,12 +86,12 @@ def hash_split(image_id: str) -> str:
 
 def load_samples(data: str | Path | None, *, images: str | Path | None = None, format: str = "auto",
                  synth_train: int = 6000, synth_val: int = 200, synth_test: int = 500, seed: int = 0,
-                 synth_image_size: int = 96) -> SampleList:
+                 synth_image_size: int = 96, synth_max_objects: int = 3) -> SampleList:
     """Read a dataset (or build the synthetic world when `data` is None) into samples with splits."""
     if format not in FORMATS:
         raise DataError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if data is None:
-        world = SyntheticWorld(image_size=synth_image_size, seed=seed)
+        world = SyntheticWorld(image_size=synth_image_size, seed=seed, max_objects=synth_max_objects)
         out = SampleList(source="synthetic", format="synthetic")
         for split, n in (("train", synth_train), ("val", synth_val), ("test", synth_test)):
             out.extend(Sample(s.image_id, list(s.captions), split, scene=s) for s in world.scenes(split, n))
