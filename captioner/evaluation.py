@@ -36,6 +36,7 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
     diversity: dict[str, Any] = field(default_factory=dict)
     accuracy: float | None = None  # share of captions the synthetic world's checker calls accurate
+    accuracy_by_objects: dict[str, float] = field(default_factory=dict)  # the same per object count
     grounding: dict[str, float] | None = None  # pointing game: hit rate beside the chance rate
 
     def summary(self) -> dict[str, Any]:
@@ -43,6 +44,7 @@ class EvalReport:
         out: dict[str, Any] = {k: round(v, 4) for k, v in self.scores.items()}
         if self.accuracy is not None:
             out["accuracy"] = round(self.accuracy, 4)
+            out.update({f"accuracy_{k}": round(v, 4) for k, v in self.accuracy_by_objects.items()})
         if self.grounding is not None:
             out.update({f"grounding_{k}": round(v, 4) for k, v in self.grounding.items()})
         for key in ("distinct_share", "vocab_used", "mean_length", "collapsed"):
@@ -98,7 +100,9 @@ def evaluate_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Voca
     references = {s.image_id: s.captions for s in samples}
     report = score_predictions(predictions, references, java=java)
     if synthetic:
-        report.accuracy = synthetic_accuracy(samples, predictions)
+        accuracy = synthetic_accuracy(samples, predictions)
+        report.accuracy = accuracy.pop("all")
+        report.accuracy_by_objects = accuracy
         if need_weights:
             report.grounding = synthetic_grounding(samples, captions)
     return report
@@ -114,12 +118,21 @@ def score_predictions(predictions: dict[str, str], references: dict[str, list[st
                       diversity(list(predictions.values())))
 
 
-def synthetic_accuracy(samples: Sequence[Sample], predictions: dict[str, str]) -> float:
-    """Share of captions whose every claim is true and that mention every object of their scene."""
+def synthetic_accuracy(samples: Sequence[Sample], predictions: dict[str, str]) -> dict[str, float]:
+    """Share of captions whose every claim is true and that mention every object of their scene.
+
+    Keys: "all", and "objects_1" .. "objects_3" for scenes of that many objects.
+    """
     from captioner.data.synthetic import check_caption
 
-    checked = [check_caption(s.scene, predictions[s.image_id]).accurate for s in samples if s.scene is not None]
-    return sum(checked) / max(len(checked), 1)
+    by_count: dict[str, list[bool]] = {"all": []}
+    for s in samples:
+        if s.scene is None:
+            continue
+        ok = check_caption(s.scene, predictions[s.image_id]).accurate
+        by_count["all"].append(ok)
+        by_count.setdefault(f"objects_{len(s.scene.objects)}", []).append(ok)
+    return {k: sum(v) / max(len(v), 1) for k, v in sorted(by_count.items())}
 
 
 def synthetic_grounding(samples: Sequence[Sample], captions: Sequence[Caption]) -> dict[str, float]:
