@@ -16,7 +16,7 @@ import torch
 
 from captioner.api import Caption, Captioner, DecodeSettings
 from captioner.errors import ImageError
-from captioner.overlay import attention_rollout, rollout_map, select_maps, write_attention
+from captioner.overlay import attention_rollout, check_layer, rollout_map, select_maps, write_attention
 
 
 @dataclass
@@ -49,6 +49,7 @@ def explain_files(captioner: Captioner, paths: list[Path], settings: DecodeSetti
     """
     from captioner.data.images import load_image
 
+    check_layer(layer, captioner.model.config.n_layers)  # before any image is decoded or file written
     written: list[tuple[Path, str, dict[str, Path]]] = []
     failures: list[ImageError] = []
     for path in paths:

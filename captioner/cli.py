@@ -85,10 +85,22 @@ class Split(str, Enum):
     test = "test"
 
 
+def _plain(value: object) -> str:
+    """Text from outside (a file name, a caption, a note) made safe to embed in rich markup.
+
+    Without this a path like `shots[/b]x.jpg` is read as a closing tag: rich raises, and the one-line
+    error becomes a traceback; `[red]x.jpg` would silently lose part of its name.
+    """
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def _err(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {_plain(message)}",
+                                                                 markup=True)
 
 
 def user_errors(fn: F) -> F:
@@ -182,6 +194,8 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training split.")] = None,
+    time_limit: Annotated[float | None, typer.Option(min=0.1, help="Minutes; stop cleanly when reached "
+                                                     "(default 9.5 for the built-in world).")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
@@ -226,6 +240,7 @@ def train(
         options.update(_load_config_file(config))
     model_overrides = dict(options.pop("model", {}) or {})
     cli = dict(encoder=encoder, preset=preset, data=data, images=images, format=format, epochs=epochs,
+               time_limit=time_limit,
                max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
@@ -307,7 +322,7 @@ class _TrainView:
             self.console.print(
                 f"[bold]training[/] {m['encoder']} captioner, {data['parameters'] / 1e6:.2f}M parameters, "
                 f"{data['train_images']} train / {data['val_images']} val images, device {data['device']} "
-                f"({data['precision']}), {data['steps']} steps -> {data['run_dir']}")
+                f"({data['precision']}), {data['steps']} steps -> {_plain(data['run_dir'])}")
             self.bar = tqdm(total=data["steps"], initial=data["start_step"], unit="step", dynamic_ncols=True,
                             file=sys.stderr, disable=None)
         elif kind == "step" and self.bar is not None:
@@ -320,7 +335,7 @@ class _TrainView:
             parts += [f"distinct {data.get('distinct_share', 0):.0%}"]
             self._write(f"step {data['step']}: " + ", ".join(parts))
         elif kind == "warning":
-            self._write(f"[bold yellow]warning:[/] {data['message']}")
+            self._write(f"[bold yellow]warning:[/] {_plain(data['message'])}")
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -339,7 +354,7 @@ def _print_result(result: Any) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"run {result.run_dir}", show_header=True)
+    table = Table(title=f"run {_plain(result.run_dir)}", show_header=True)
     table.add_column("metric")
     table.add_column("best", justify="right")
     table.add_column("last", justify="right")
@@ -350,7 +365,7 @@ def _print_result(result: Any) -> None:
                       f"{last:.4g}" if isinstance(last, float) else str(last))
     console.print(table)
     console.print(f"{result.steps} steps in {result.seconds:.0f} s. Caption with: captioner caption IMAGE "
-                  f"--model {result.run_dir}")
+                  f"--model {_plain(result.run_dir)}")
 
 
 # ----------------------------------------------------------------------------- caption
@@ -407,7 +422,7 @@ def caption(
         table.add_column("caption")
         table.add_column("log p", justify="right")
         for path, c in results:
-            table.add_row(str(path), c.text, f"{c.logprob:.2f}")
+            table.add_row(_plain(path), _plain(c.text), f"{c.logprob:.2f}")
         Console().print(table)
     if problems or failures:
         raise typer.Exit(1)
@@ -452,9 +467,9 @@ def attend(
 
     console = Console()
     for path, caption_text, files in written:
-        console.print(f"[bold]{path}[/]: {caption_text}")
+        console.print(f"[bold]{_plain(path)}[/]: {_plain(caption_text)}")
         for kind, file in files.items():
-            console.print(f"  {kind}: {file}")
+            console.print(f"  {_plain(kind)}: {_plain(file)}")
     if problems or failures:
         raise typer.Exit(1)
 
@@ -499,15 +514,15 @@ def evaluate(
 
     console = Console()
     for note in result.report.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    table = Table(title=result.title)
+        console.print(f"[yellow]note:[/] {_plain(note)}")
+    table = Table(title=_plain(result.title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
     if result.results_file:
-        console.print(f"captions saved to {result.results_file}")
+        console.print(f"captions saved to {_plain(result.results_file)}")
 
 
 # ----------------------------------------------------------------------------- data

@@ -321,6 +321,12 @@ def parse_layer(text: str) -> int | str:
         raise ConfigError(f"--layer must be last, all or a layer index, got {text!r}") from None
 
 
+def check_layer(layer: int | str, n_layers: int) -> None:
+    """Refuse a layer choice the decoder does not have (an index counts from the end when negative)."""
+    if layer != "mean" and not (isinstance(layer, int) and -n_layers <= layer < n_layers):
+        raise ConfigError(f"layer {layer!r} does not exist: the decoder has {n_layers} layers")
+
+
 def select_maps(cross: np.ndarray, grid: tuple[int, int], *, layer: int | str = -1, heads: str = "mean") -> np.ndarray:
     """Decoder cross-attention (T, L, H, N) -> maps (T, h, w) (heads averaged) or (T, H, h, w) (heads="all")."""
     cross = np.asarray(cross, dtype=np.float32)
@@ -330,12 +336,8 @@ def select_maps(cross: np.ndarray, grid: tuple[int, int], *, layer: int | str = 
     h, w = grid
     if h * w != N:
         raise ValueError(f"grid {grid} has {h * w} cells but the attention covers N={N} regions")
-    if layer == "mean":
-        chosen = cross.mean(axis=1)  # (T, H, N)
-    elif isinstance(layer, int) and -L <= layer < L:
-        chosen = cross[:, layer]  # (T, H, N)
-    else:
-        raise ConfigError(f"layer {layer!r} does not exist: the decoder has {L} layers")
+    check_layer(layer, L)
+    chosen = cross.mean(axis=1) if layer == "mean" else cross[:, layer]  # (T, H, N)
     if heads == "mean":
         return chosen.mean(axis=1).reshape(T, h, w)
     if heads == "all":

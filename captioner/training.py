@@ -229,6 +229,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     from captioner.models.captioner import CaptionModel
 
     emit = on_event or (lambda kind, data: None)
+    started = time.perf_counter()  # the time limit counts data preparation too
+    out_of_time = False
     run_dir = Path(run_dir)
     dist_info = init_distributed(cfg.device)
     device = resolve_device(cfg.device)
@@ -239,6 +241,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     state = None
     if resume:
         saved = checkpoint.read_run_config(run_dir)
+        if not (run_dir / checkpoint.LAST).is_file():
+            raise CheckpointError(f"{run_dir}: holds no {checkpoint.LAST}, so there is no training state to "
+                                  "resume from (a run saves it at each validation and when stopped)")
         weights = checkpoint.load_weights(run_dir / checkpoint.LAST)
         state = weights.train_state
         if state is None:
@@ -251,6 +256,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     samples = load_samples(cfg.data, images=cfg.images, format=cfg.format, synth_train=cfg.synth_train,
                            synth_val=cfg.synth_val, synth_test=cfg.synth_test, seed=cfg.seed,
                            synth_max_objects=cfg.synth_max_objects)
+    for note in getattr(samples, "notes", []):  # what loading dropped or merged (empty, overlong, repeated)
+        emit("warning", {"message": f"{cfg.data}: {note}"})
     if cfg.data is not None:
         _, bad = check_images(samples)
         if bad:
@@ -284,6 +291,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     transform = preprocess if synthetic else train_transform(preprocess)  # the world needs no augmenting
     train_set = CaptionDataset(by_split["train"], vocab, transform, max_len=cfg.max_len, mode="random",
                                seed=cfg.seed)
+    if train_set.truncated:
+        emit("warning", {"message": f"{train_set.truncated} training captions are longer than {cfg.max_len} "
+                                    f"words: the model learns their first {cfg.max_len} only"})
     sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank, world=dist_info.world)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
@@ -294,7 +304,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images)"
         )
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.resolved_steps(steps_per_epoch)
+    time_limit = cfg.resolved_time_limit()
     if state is not None and state["step"] >= total_steps:
         raise CheckpointError(
             f"{run_dir}: this run already finished ({state['step']} of {total_steps} steps); "
@@ -442,6 +453,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                     save()
                 if step >= total_steps:
                     break
+                if time_limit is not None and time.perf_counter() - started > time_limit * 60:
+                    out_of_time = True
+                    break
             if interrupted:
                 save()
                 raise TrainingInterrupted(
@@ -449,11 +463,16 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             end_of_epoch = step - epoch * steps_per_epoch >= steps_per_epoch
             if end_of_epoch:
                 epoch += 1
-            if end_of_epoch or step >= total_steps:
+            if end_of_epoch or step >= total_steps or out_of_time:
                 if not cfg.val_every or step % cfg.val_every:
                     last_record = validate()
                 done = step >= total_steps or (cfg.early_stop is not None and stale >= cfg.early_stop)
                 save(finished=done)
+                if out_of_time and not done:
+                    emit("warning", {"message": (
+                        f"time limit of {time_limit:g} min reached at step {step} of {total_steps}; "
+                        f"continue with: captioner train --resume {run_dir} --time-limit MINUTES")})
+                    break
                 if cfg.early_stop is not None and stale >= cfg.early_stop:
                     emit("warning", {"message": f"early stop: no CIDEr-D improvement in {stale} validations"})
         if step >= total_steps and not last_record and dist_info.main:

@@ -73,20 +73,42 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_weights(run / checkpoint.LAST).model
 
 
-def test_resume_is_exact(tmp_path: Path) -> None:
-    """N steps + resume for N more == 2N steps straight (same seed, CPU)."""
-    straight = tmp_path / "straight"
-    train(tiny_train_config(max_steps=12, val_every=6), straight)
-    halves = tmp_path / "halves"
-    train(tiny_train_config(max_steps=6, val_every=6), halves)
-    first = _weights(halves)
-    train(tiny_train_config(max_steps=12, val_every=6), halves, resume=True)
-    a, b = _weights(straight), _weights(halves)
-    assert any(not torch.equal(first[k], b[k]) for k in b)  # the resume really trained
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_after_n_steps_is_exact(tmp_path: Path) -> None:
+    """N steps + resume for N more == 2N steps straight (same seed, CPU; a schedule that ignores the total)."""
+    straight = tmp_path / "straight"
+    train(tiny_train_config(max_steps=12, val_every=6, schedule="inverse_sqrt"), straight)
+    halves = tmp_path / "halves"
+    train(tiny_train_config(max_steps=6, val_every=6, schedule="inverse_sqrt"), halves)
+    first = _weights(halves)
+    train(tiny_train_config(max_steps=12, val_every=6, schedule="inverse_sqrt"), halves, resume=True)
+    b = _weights(halves)
+    assert any(not torch.equal(first[k], b[k]) for k in b)  # the resume really trained
+    _assert_same_weights(_weights(straight), b)
     with pytest.raises(CheckpointError, match="already finished"):
-        train(tiny_train_config(max_steps=12, val_every=6), halves, resume=True)
+        train(tiny_train_config(max_steps=12, val_every=6, schedule="inverse_sqrt"), halves, resume=True)
+
+
+def test_resume_after_interrupt_mid_epoch_is_exact(tmp_path: Path) -> None:
+    """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (cosine schedule)."""
+    cfg = tiny_train_config(max_steps=14, val_every=7, schedule="cosine")  # 8 steps per epoch
+    straight = tmp_path / "straight"
+    train(cfg, straight)
+
+    def stop_at_10(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, stopped, on_event=stop_at_10)
+    assert checkpoint.load_weights(stopped / checkpoint.LAST).train_state["step"] == 10
+    train(cfg, stopped, resume=True)
+    _assert_same_weights(_weights(straight), _weights(stopped))
 
 
 def test_new_run_refuses_existing_directory(tmp_path: Path) -> None:

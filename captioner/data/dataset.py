@@ -107,8 +107,9 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.max_len, self.mode, self.seed = max_len, mode, seed
         self.cache_renders = cache_renders
         # Captions are encoded once, truncated to max_len words (the <eos> still follows).
-        self.tokens: list[list[list[int]]] = [[vocab.encode(c)[:max_len] for c in s.captions]
-                                              for s in self.samples]
+        encoded = [[vocab.encode(c) for c in s.captions] for s in self.samples]
+        self.truncated = sum(len(t) > max_len for caps in encoded for t in caps)  # for the caller to report
+        self.tokens: list[list[list[int]]] = [[t[:max_len] for t in caps] for caps in encoded]
         for s, caps in zip(self.samples, self.tokens, strict=True):
             if not caps:
                 raise DataError(f"image {s.image_id} has no captions")

@@ -1,8 +1,8 @@
 """The one place that opens image files, and the one preprocessing shared by training, evaluation, captioning.
 
-Every way a file can be unusable (missing, a folder, empty, not an image, truncated, a decompression
-bomb, unreadable) becomes an `ImageError` naming the file. Every usable file comes back as an
-upright RGB image, whatever its mode (palette, alpha, CMYK, 16-bit, 1-bit) or EXIF orientation.
+Every way a file can be unusable (missing, a folder, empty, not an image in one of `FORMATS`, truncated,
+a decompression bomb, unreadable) becomes an `ImageError` naming the file. Every usable file comes back
+as an upright RGB image, whatever its mode (palette, alpha, CMYK, 16-bit, 1-bit) or EXIF orientation.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # file whose header claims more is almost always a decompression bomb. Checked on the header alone.
 MAX_PIXELS = 100_000_000
 
+# The raster formats a photo or dataset image comes in (MPO is how Pillow reads many camera JPEGs). Pillow
+# would otherwise also try some forty others by content, whatever the file is named, among them EPS, which
+# it renders by running Ghostscript on the file: no file we are handed should ever start a program.
+FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM")
+
 _WHITE = (255, 255, 255)
 
 
@@ -43,6 +48,9 @@ def _strict_decoding() -> Iterator[None]:
             # Our explicit MAX_PIXELS check replaces PIL's warning threshold; PIL's own hard error
             # (twice its limit) is still caught below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Plugins warn about malformed metadata (e.g. TIFF "Truncated File Read") and then either decode
+            # or raise; the error, if any, becomes the one ImageError line, the warning would be noise.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
@@ -69,14 +77,14 @@ def _check_file(path: Path) -> None:
 def _open(path: Path) -> Image.Image:
     """Open lazily (header only) and check the claimed size before any pixel is decoded."""
     try:
-        im = Image.open(path)
+        im = Image.open(path, formats=FORMATS)
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as err:
         raise ImageError(path, f"refused as a decompression bomb ({err})") from None
     except PermissionError:
         raise ImageError(path, "cannot be read (permission denied)") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, NotImplementedError) as err:  # plugins raise any of these
         raise ImageError(path, f"not a readable image ({err})") from None
     w, h = im.size
     if w < 1 or h < 1:
@@ -133,7 +141,7 @@ def load_image(path: str | Path) -> Image.Image:
                     im.load()
                 except Image.DecompressionBombError as err:
                     raise ImageError(path, f"refused as a decompression bomb ({err})") from None
-                except (OSError, SyntaxError, ValueError, EOFError) as err:
+                except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as err:
                     raise ImageError(path, f"truncated or corrupt image data ({err})") from None
                 try:
                     upright = ImageOps.exif_transpose(im)
