@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from captioner.decoding import Hypothesis, SearchOptions, beam_search, greedy, sample
+from captioner.decoding import SearchOptions, beam_search, greedy, sample
 from captioner.errors import ConfigError, ImageError
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from captioner.checkpoint import LoadedRun
+    from captioner.data.vocab import Vocabulary
+    from captioner.models.captioner import CaptionModel
 
 
 @dataclass
@@ -83,11 +85,6 @@ class Captioner:
         dev = resolve_device(device)
         return cls(load_run(run_dir, which=which, device=str(dev)), dev)
 
-    def options(self, max_len: int) -> SearchOptions:
-        """Search options with this vocabulary's named specials."""
-        v = self.vocab
-        return SearchOptions(bos_id=v.bos_id, eos_id=v.eos_id, max_len=max_len, pad_id=v.pad_id, unk_id=v.unk_id)
-
     def to_tensor(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """Open (via the one image loader) and preprocess images into a batch (B, 3, S, S)."""
         from captioner.data.images import load_image
@@ -98,19 +95,7 @@ class Captioner:
     def caption_tensor(self, batch: torch.Tensor, settings: DecodeSettings | None = None, *,
                        need_weights: bool = False) -> list[Caption]:
         """Caption an already preprocessed batch (B, 3, S, S)."""
-        settings = settings or DecodeSettings()
-        opts = self.options(settings.max_len)
-        batch = batch.to(self.device)
-        if settings.sample:
-            g = torch.Generator(device=batch.device).manual_seed(settings.seed)
-            hyps = [h[0] for h in sample(self.model, batch, opts, temperature=settings.temperature,
-                                         top_k=settings.top_k, top_p=settings.top_p, generator=g)]
-        elif settings.beam == 1 and settings.no_repeat_ngram == 0:
-            hyps = greedy(self.model, batch, opts, need_weights=need_weights)
-        else:
-            hyps = beam_search(self.model, batch, opts, beam=settings.beam, length_penalty=settings.length_penalty,
-                               no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights)
-        return [self._caption(h) for h in hyps]
+        return decode_batch(self.model, self.vocab, batch.to(self.device), settings, need_weights=need_weights)
 
     def caption(self, images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
                 settings: DecodeSettings | None = None, *, need_weights: bool = False,
@@ -145,9 +130,33 @@ class Captioner:
                 results.extend(zip([p for p, _ in loaded], captions, strict=True))
         return results, failures
 
-    def _caption(self, h: Hypothesis) -> Caption:
-        text = self.vocab.decode(h.tokens)  # specials are never generated, so words align with h.cross
-        return Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid)
+
+
+def search_options(vocab: Vocabulary, max_len: int) -> SearchOptions:
+    """Search options with the vocabulary's named specials (<bos> starts, <eos> ends, <pad>/<unk> banned)."""
+    return SearchOptions(bos_id=vocab.bos_id, eos_id=vocab.eos_id, max_len=max_len, pad_id=vocab.pad_id,
+                         unk_id=vocab.unk_id)
+
+
+def decode_batch(model: CaptionModel, vocab: Vocabulary, batch: torch.Tensor,
+                 settings: DecodeSettings | None = None, *, need_weights: bool = False) -> list[Caption]:
+    """The one place that turns settings into a search: sampling, greedy, or beam search over a batch."""
+    settings = settings or DecodeSettings()
+    opts = search_options(vocab, settings.max_len)
+    if settings.sample:
+        g = torch.Generator(device=batch.device).manual_seed(settings.seed)
+        hyps = [h[0] for h in sample(model, batch, opts, temperature=settings.temperature, top_k=settings.top_k,
+                                     top_p=settings.top_p, generator=g)]
+    elif settings.beam == 1 and settings.no_repeat_ngram == 0:
+        hyps = greedy(model, batch, opts, need_weights=need_weights)
+    else:
+        hyps = beam_search(model, batch, opts, beam=settings.beam, length_penalty=settings.length_penalty,
+                           no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights)
+    captions = []
+    for h in hyps:
+        text = vocab.decode(h.tokens)  # specials are never generated, so words align with h.cross
+        captions.append(Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid))
+    return captions
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

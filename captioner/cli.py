@@ -311,7 +311,7 @@ class _TrainView:
     def __init__(self) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # a line naming a file stays one line in a log
         self.bar = None
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -465,7 +465,7 @@ def attend(
         _err(str(failure))
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay whole, to copy or to parse
     for path, caption_text, files in written:
         console.print(f"[bold]{_plain(path)}[/]: {_plain(caption_text)}")
         for kind, file in files.items():

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from captioner.api import Caption, DecodeSettings
-from captioner.decoding import SearchOptions, beam_search, greedy
+from captioner.api import Caption, DecodeSettings, decode_batch
 from captioner.errors import DataError
 
 if TYPE_CHECKING:
@@ -67,22 +66,12 @@ def decode_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabu
     """Caption every sample (rendered scene or image file), in order."""
     from captioner.data.sources import sample_image
 
-    settings = settings or DecodeSettings()
-    opts = SearchOptions(bos_id=vocab.bos_id, eos_id=vocab.eos_id, max_len=settings.max_len,
-                         pad_id=vocab.pad_id, unk_id=vocab.unk_id)
     was_training = model.training
     model.eval()
     captions: list[Caption] = []
     for chunk in _batches(samples, batch_size):
         images = torch.stack([preprocess(sample_image(s)) for s in chunk]).to(device)
-        if settings.beam == 1 and settings.no_repeat_ngram == 0:
-            hyps = greedy(model, images, opts, need_weights=need_weights)
-        else:
-            hyps = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
-                               no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights)
-        for h in hyps:
-            text = vocab.decode(h.tokens)
-            captions.append(Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid))
+        captions.extend(decode_batch(model, vocab, images, settings, need_weights=need_weights))
     model.train(was_training)
     return captions
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from captioner import checkpoint
-from captioner.decoding import SearchOptions, greedy, sample
+from captioner.api import search_options
+from captioner.decoding import greedy, sample
 from captioner.errors import ConfigError
 from captioner.training import Event, TrainResult, autocast, resolve_device, resolve_precision
 
@@ -85,8 +86,7 @@ def scst_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: 
               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """One REINFORCE update on a batch; returns mean reward, loss and the share of time spent on rewards."""
     B, K = images.shape[0], cfg.samples
-    opts = SearchOptions(bos_id=vocab.bos_id, eos_id=vocab.eos_id, max_len=cfg.max_len, pad_id=vocab.pad_id,
-                         unk_id=vocab.unk_id)
+    opts = search_options(vocab, cfg.max_len)
     t_start = time.perf_counter()
     model.eval()  # no dropout: the sampled captions and their re-scoring see the same model
     with autocast(images.device, dtype):

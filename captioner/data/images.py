@@ -30,10 +30,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # file whose header claims more is almost always a decompression bomb. Checked on the header alone.
 MAX_PIXELS = 100_000_000
 
-# The raster formats a photo or dataset image comes in (MPO is how Pillow reads many camera JPEGs). Pillow
+# The raster formats a photo or dataset image comes in (JPEG includes the MPO files of many cameras). Pillow
 # would otherwise also try some forty others by content, whatever the file is named, among them EPS, which
 # it renders by running Ghostscript on the file: no file we are handed should ever start a program.
-FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM")
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM")
 
 _WHITE = (255, 255, 255)
 
