@@ -40,12 +40,12 @@ def peer():
                     num_attention_heads=MATCHED["n_heads"], intermediate_size=MATCHED["d_ff"])
     dec = GPT2Config(vocab_size=MATCHED["vocab_size"], n_embd=MATCHED["d_model"], n_layer=MATCHED["n_layers"],
                      n_head=MATCHED["n_heads"], n_inner=MATCHED["d_ff"], n_positions=64, add_cross_attention=True,
-                     is_decoder=True, bos_token_id=1, eos_token_id=NEVER, pad_token_id=0)
+                     is_decoder=True, bos_token_id=1, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     model = VisionEncoderDecoderModel(encoder=ViTModel(enc, add_pooling_layer=False), decoder=GPT2LMHeadModel(dec))
     model.config.decoder_start_token_id = 1
     model.config.pad_token_id = 0
-    model.config.eos_token_id = NEVER
+    model.config.eos_token_id = None  # no <eos>: every caption runs the full 20 tokens, as ours do
     model.generation_config.eos_token_id = None
     return model
 

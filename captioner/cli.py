@@ -79,6 +79,11 @@ class Format(str, Enum):
     jsonl = "jsonl"
 
 
+class Baseline(str, Enum):
+    mean = "mean"
+    greedy = "greedy"
+
+
 class Split(str, Enum):
     train = "train"
     val = "val"
@@ -229,6 +234,9 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model field override, e.g. d_model=256.")] = None,
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
     scst: Annotated[bool, typer.Option(help="Self-critical fine-tuning (CIDEr-D reward) of --resume RUN.")] = False,
+    scst_samples: Annotated[int | None, typer.Option(min=1, help="SCST: captions sampled per image.")] = None,
+    scst_baseline: Annotated[Baseline | None, typer.Option(help="SCST: reward baseline, the mean of the image's "
+                                                           "other samples or its greedy caption.")] = None,
 ) -> None:
     """Train a captioning model (on the built-in synthetic world unless --data is given)."""
     import time
@@ -253,13 +261,21 @@ def train(
     model_overrides.update({k: v for k, v in model_cli.items() if v is not None})
     model_overrides.update(_parse_set(set_ or []))
 
+    if not scst and (scst_samples is not None or scst_baseline is not None):
+        raise ConfigError("--scst-samples and --scst-baseline only apply with --scst")
     if scst:
         if resume is None:
             raise ConfigError("--scst fine-tunes a trained run: give it with --resume RUN_DIR")
         from captioner.scst import SCSTConfig, train_scst
 
         scst_options = {k: v for k, v in options.items() if k in SCSTConfig.__dataclass_fields__}
-        result = train_scst(resume, SCSTConfig(**scst_options), out=out, on_event=_TrainView().on_event)
+        scst_cli = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None)
+        scst_options.update({k: v for k, v in scst_cli.items() if v is not None})
+        view = _TrainView()
+        try:
+            result = train_scst(resume, SCSTConfig(**scst_options), out=out, on_event=view.on_event)
+        finally:
+            view.close()
         return _print_result(result)
 
     if resume is not None:

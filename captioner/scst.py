@@ -9,7 +9,6 @@ sampled captions are then re-scored in one teacher-forced pass that carries the 
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,10 +61,12 @@ def advantages(rewards: torch.Tensor, baseline: str = "mean", greedy_rewards: to
 
 
 def sequence_logprobs(model: torch.nn.Module, images: torch.Tensor, tokens: list[list[int]], *, bos_id: int,
-                      eos_id: int, pad_id: int) -> torch.Tensor:
+                      eos_id: int, pad_id: int, ended: list[bool] | None = None) -> torch.Tensor:
     """Sum of log p(token) over each caption and its <eos>, with gradient, in one teacher-forced pass.
 
-    images (R, 3, S, S) and R captions (token ids, no specials) -> (R,) log-probabilities.
+    images (R, 3, S, S) and R captions (token ids, no specials) -> (R,) log-probabilities. `ended[r]` False
+    marks a caption cut at the length limit: it never drew <eos>, so that term is left out (counting it
+    would teach a long caption with a low reward to end later still).
     """
     R = len(tokens)
     T = max(len(t) for t in tokens) + 1
@@ -74,6 +75,8 @@ def sequence_logprobs(model: torch.nn.Module, images: torch.Tensor, tokens: list
     for r, seq in enumerate(tokens):
         inputs[r, : len(seq) + 1] = torch.tensor([bos_id, *seq], device=images.device)
         targets[r, : len(seq) + 1] = torch.tensor([*seq, eos_id], device=images.device)
+        if ended is not None and not ended[r]:
+            targets[r, len(seq)] = pad_id  # no <eos> was drawn after the last word
     pad_mask = inputs == pad_id
     pad_mask[:, 0] = False  # <bos> is never padding (pad_id != bos_id, but be explicit)
     logits = model(images, inputs, pad_mask=pad_mask)  # (R, T, V)
@@ -91,30 +94,32 @@ def scst_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: 
     model.eval()  # no dropout: the sampled captions and their re-scoring see the same model
     with autocast(images.device, dtype):
         drawn = sample(model, images, opts, n=K, temperature=cfg.temperature, generator=generator)
+        best = greedy(model, images, opts) if cfg.baseline == "greedy" else None  # decoding, not reward time
     flat = [h for per_image in drawn for h in per_image]  # B*K, image-major
     t_reward = time.perf_counter()
     texts = [vocab.decode(h.tokens) for h in flat]
     rewards = torch.tensor(cider.batch(texts, [refs[i // K] for i in range(B * K)]),
                            dtype=torch.float32).reshape(B, K)
     greedy_rewards = None
-    if cfg.baseline == "greedy":
-        with autocast(images.device, dtype):
-            best = greedy(model, images, opts)
+    if best is not None:
         greedy_rewards = torch.tensor(cider.batch([vocab.decode(h.tokens) for h in best], refs),
                                       dtype=torch.float32)
     adv = advantages(rewards, cfg.baseline, greedy_rewards).to(images.device)  # (B, K)
     reward_seconds = time.perf_counter() - t_reward
     expanded = images.repeat_interleave(K, dim=0)  # (B*K, 3, S, S)
+    # A caption as long as max_len was cut there: the sampler never drew its <eos>.
+    ended = [len(h.tokens) < cfg.max_len for h in flat]
     with autocast(images.device, dtype):
         logp = sequence_logprobs(model, expanded, [h.tokens for h in flat], bos_id=vocab.bos_id,
-                                 eos_id=vocab.eos_id, pad_id=vocab.pad_id)  # (B*K,)
+                                 eos_id=vocab.eos_id, pad_id=vocab.pad_id, ended=ended)  # (B*K,)
     loss = -(adv.reshape(-1) * logp).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
+    loss_value = loss.item()  # waits for the update on a GPU, so `total` covers all of the step
     total = time.perf_counter() - t_start
-    return {"reward": float(rewards.mean()), "loss": float(loss), "reward_share": reward_seconds / total,
+    return {"reward": float(rewards.mean()), "loss": loss_value, "reward_share": reward_seconds / total,
             "seconds": total}
 
 
@@ -147,7 +152,8 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
     config = dict(loaded.config)
     config["scst"] = {**asdict(cfg), "from_run": str(run_dir)}
     checkpoint.write_json(out / checkpoint.CONFIG, config)
-    shutil.copyfile(run_dir / checkpoint.BEST, out / checkpoint.BEST)
+    # Start `best` at the cross-entropy weights: SCST keeps them unless validation CIDEr-D improves.
+    checkpoint.save_weights(out / checkpoint.BEST, model, meta={"step": 0, "phase": "cross-entropy"})
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

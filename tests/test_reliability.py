@@ -124,6 +124,10 @@ def _write_odd(kind: str, folder: Path) -> Path:
         im, name = Image.new("RGB", (4000, 3), (200, 0, 0)), "wide.png"
     elif kind == "tall":
         im, name = Image.new("RGB", (3, 4000), (0, 200, 0)), "tall.png"
+    elif kind == "float_nan":  # a 32-bit float TIFF, as scientific cameras write, with broken pixels
+        values = rng.random((16, 24), dtype=np.float32)
+        values[0, :3] = [np.nan, np.inf, -np.inf]
+        im, name = Image.fromarray(values), "float_nan.tif"
     elif kind == "exif_rotated":
         exif = Image.Exif()
         exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
@@ -136,7 +140,7 @@ def _write_odd(kind: str, folder: Path) -> Path:
     return folder / name
 
 
-ODD = ["cmyk", "gray16", "palette", "rgba", "gray", "one_pixel", "wide", "tall", "exif_rotated"]
+ODD = ["cmyk", "gray16", "float_nan", "palette", "rgba", "gray", "one_pixel", "wide", "tall", "exif_rotated"]
 BAD = ["missing", "directory", "empty", "text", "truncated_jpeg", "truncated_png", "bomb", "over_limit"]
 
 
@@ -156,6 +160,7 @@ def assert_each_bad_file_named_once(result, bad: dict[Path, str]) -> None:
         assert reason in line, line
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # e.g. numpy casting NaN: a line of noise in the output
 def test_caption_captions_odd_images_and_names_each_bad_one(tiny_run: Path, tmp_path: Path) -> None:
     good, bad = image_folder(tmp_path)
     # A directory given on the command line is expanded to its images; this one holds none.
@@ -536,6 +541,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.filterwarnings("error")  # a warning would be a second line beside the one-line error
 @FUZZ
 @given(data=st.one_of(st.binary(min_size=1, max_size=512), corrupted_files()))
 def test_fuzz_any_bytes_give_an_rgb_image_or_an_image_error(data: bytes, scratch: Path) -> None:

@@ -100,6 +100,10 @@ def _open(path: Path) -> Image.Image:
 def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     """16/32-bit integer or float grayscale -> 8-bit, keeping relative brightness."""
     v = values.astype(np.float64)
+    finite = v[np.isfinite(v)]
+    if finite.size < v.size:  # a float image with NaN or infinities: darkest / brightest finite value
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        v = np.nan_to_num(v, nan=lo, posinf=hi, neginf=lo)
     if mode.startswith("I;16"):
         v = v / 257.0  # 65535 -> 255 exactly
     elif mode == "F" and v.size and v.min() >= 0.0 and v.max() <= 1.0:
