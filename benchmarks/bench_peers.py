@@ -37,10 +37,12 @@ def peer():
 
     enc = ViTConfig(image_size=MATCHED["image_size"], patch_size=MATCHED["patch_size"],
                     hidden_size=MATCHED["d_model"], num_hidden_layers=MATCHED["enc_layers"],
-                    num_attention_heads=MATCHED["n_heads"], intermediate_size=MATCHED["d_ff"])
+                    num_attention_heads=MATCHED["n_heads"], intermediate_size=MATCHED["d_ff"],
+                    hidden_dropout_prob=MATCHED["dropout"], attention_probs_dropout_prob=MATCHED["attn_dropout"])
     dec = GPT2Config(vocab_size=MATCHED["vocab_size"], n_embd=MATCHED["d_model"], n_layer=MATCHED["n_layers"],
                      n_head=MATCHED["n_heads"], n_inner=MATCHED["d_ff"], n_positions=64, add_cross_attention=True,
-                     is_decoder=True, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+                     is_decoder=True, bos_token_id=1, eos_token_id=None, pad_token_id=0,
+                     resid_pdrop=MATCHED["dropout"], embd_pdrop=MATCHED["dropout"], attn_pdrop=MATCHED["attn_dropout"])
     torch.manual_seed(0)
     model = VisionEncoderDecoderModel(encoder=ViTModel(enc, add_pooling_layer=False), decoder=GPT2LMHeadModel(dec))
     model.config.decoder_start_token_id = 1

@@ -23,7 +23,8 @@ class ModelConfig:
     n_heads: int = 4  # heads in every attention block; d_model must divide by it
     n_layers: int = 2  # decoder layers (masked self-attn -> cross-attn -> FFN)
     d_ff: int = 512  # hidden width of the feed-forward blocks (4*D is the usual ratio)
-    dropout: float = 0.1  # on attention weights, residual branches and embeddings; off at eval
+    dropout: float = 0.1  # on residual branches and embeddings; off at eval
+    attn_dropout: float = 0.0  # on attention weights; 0 lets the fused SDPA kernel run (dropout forces the slow path)
     vocab_size: int = 64  # set from the Vocabulary when a run starts; the output layer is tied to the embedding
     pad_id: int = 0  # the vocabulary's <pad> id, so the embedding can keep it at zero
     cross_score: str = "scaled_dot"  # scoring function of decoder cross-attention: dot|scaled_dot|general|additive
@@ -65,8 +66,9 @@ class ModelConfig:
             raise ConfigError(f"enc_layers must be >= 0, got {self.enc_layers}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.encoder == "vit" and self.vit_backbone == "ours" and self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"

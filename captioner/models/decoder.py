@@ -47,8 +47,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         D, H = config.d_model, config.n_heads
         self.norm_first = config.norm_first
-        self.self_attn = MultiHeadAttention(d_model=D, n_heads=H, dropout=config.dropout)
-        self.cross_attn = MultiHeadAttention(d_model=D, n_heads=H, dropout=config.dropout, score=config.cross_score)
+        self.self_attn = MultiHeadAttention(d_model=D, n_heads=H, dropout=config.attn_dropout)
+        self.cross_attn = MultiHeadAttention(d_model=D, n_heads=H, dropout=config.attn_dropout,
+                                             score=config.cross_score)
         self.ff = FeedForward(d_model=D, d_ff=config.d_ff, dropout=config.dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
         self.dropout = nn.Dropout(config.dropout)

@@ -192,10 +192,10 @@ def resize_positions(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, in
 class EncoderLayer(nn.Module):
     """Pre-LN Transformer encoder layer: x + self-attention(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.attn = MultiHeadAttention(d_model=d_model, n_heads=n_heads, dropout=attn_dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model=d_model, d_ff=d_ff, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
@@ -232,7 +232,8 @@ class ViTEncoder(Encoder):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout)
+            EncoderLayer(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
+                         attn_dropout=config.attn_dropout)
             for _ in range(config.enc_layers)
         )
         self.norm = nn.LayerNorm(D)
