@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from captioner.config import ModelConfig
@@ -47,6 +46,8 @@ def _check_images(images: torch.Tensor) -> None:
 
 def cached_weights_file(arch: str) -> Path:
     """Torchvision's cached ImageNet weights file for `arch`; ConfigError naming the file when it is absent."""
+    import torchvision  # lazy: importing torchvision costs ~1.3 s, and our ViT does not need it
+
     weights = torchvision.models.get_model_weights(arch)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     # The default weights first, then any other release of the same architecture the user may have.
@@ -144,6 +145,8 @@ class CNNEncoder(Encoder):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        import torchvision  # lazy: see cached_weights_file
+
         resnet = torchvision.models.get_model(config.cnn_arch, weights=None)
         # Named stages, not children()[:-2]: the kept layers are explicit and their state-dict keys stay
         # torchvision's, so torchvision weight files load as they are. Stride 16 stops after layer3.
@@ -280,6 +283,8 @@ class TorchvisionViTEncoder(Encoder):
         if config.image_size % self.patch_size:
             raise ConfigError(f"vit_b_16 needs image_size divisible by 16, got {config.image_size}")
         self.train_grid = (config.image_size // 16, config.image_size // 16)
+        import torchvision  # lazy: see cached_weights_file
+
         self.backbone = torchvision.models.get_model("vit_b_16", weights=None, image_size=config.image_size)
         # The ImageNet classifier is not used; replacing it keeps every remaining parameter trained.
         self.backbone.heads = nn.Identity()
