@@ -358,6 +358,14 @@ def _read_karpathy(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list
     return _resolve(raw, folder), []
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; anything else is a DataError naming the byte at fault."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def _read_split_list(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -365,10 +373,7 @@ def _read_split_list(path: Path) -> list[str]:
 def _read_flickr8k(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
     notes: list[str] = []
     by_name: dict[str, _Raw] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = _read_lines(path)
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -475,10 +480,7 @@ def _read_jsonl(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[st
             raise DataError(f"{path}: expected a list of {{\"image\", \"caption\"}} objects")
         raw = [_raw_from_object(obj, f"{path}: [{i}]") for i, obj in enumerate(data)]
     else:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        lines = _read_lines(path)
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
