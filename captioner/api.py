@@ -87,10 +87,10 @@ class Captioner:
 
     def to_tensor(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """Open (via the one image loader) and preprocess images into a batch (B, 3, S, S)."""
-        from captioner.data.images import load_image
+        from captioner.data.images import load_image, to_tensor_batch
 
-        pils = [im if not isinstance(im, (str, Path)) else load_image(im) for im in images]
-        return torch.stack([self.preprocess(im.convert("RGB")) for im in pils]).to(self.device)
+        pils = [load_image(im) if isinstance(im, (str, Path)) else im.convert("RGB") for im in images]
+        return to_tensor_batch(pils, self.preprocess).to(self.device)
 
     def caption_tensor(self, batch: torch.Tensor, settings: DecodeSettings | None = None, *,
                        need_weights: bool = False) -> list[Caption]:

@@ -64,13 +64,14 @@ def decode_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabu
                    device: torch.device | str = "cpu", settings: DecodeSettings | None = None,
                    batch_size: int = 64, need_weights: bool = False) -> list[Caption]:
     """Caption every sample (rendered scene or image file), in order."""
+    from captioner.data.images import to_tensor_batch
     from captioner.data.sources import sample_image
 
     was_training = model.training
     model.eval()
     captions: list[Caption] = []
     for chunk in _batches(samples, batch_size):
-        images = torch.stack([preprocess(sample_image(s)) for s in chunk]).to(device)
+        images = to_tensor_batch([sample_image(s) for s in chunk], preprocess).to(device)
         captions.extend(decode_batch(model, vocab, images, settings, need_weights=need_weights))
     model.train(was_training)
     return captions

@@ -126,7 +126,7 @@ def scst_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: 
 def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
                on_event: Event | None = None) -> TrainResult:
     """Fine-tune a cross-entropy run with SCST into `out` (default: `<run_dir>-scst`)."""
-    from captioner.data.dataset import CaptionDataset, collate
+    from captioner.data.dataset import CaptionDataset, make_loader
     from captioner.evaluation import evaluate_samples, run_samples
     from captioner.metrics import CiderD
 
@@ -158,8 +158,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     dataset = CaptionDataset(train_samples, vocab, preprocess, max_len=cfg.max_len, mode="random", seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                                         drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed, drop_last=True)
     total = cfg.max_steps or cfg.epochs * len(loader)
     optimizer = torch.optim.AdamW(model.parameter_groups(0.0), lr=cfg.lr)
 

@@ -221,7 +221,7 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_event: Event | None = None,
           skip_bad_images: bool = False) -> TrainResult:
     """Train (or resume) a captioning model into `run_dir` and return what it achieved."""
-    from captioner.data.dataset import CaptionDataset, collate
+    from captioner.data.dataset import CaptionDataset, make_loader
     from captioner.data.images import Preprocess, train_transform
     from captioner.data.sources import check_images, load_samples
     from captioner.data.vocab import Vocabulary
@@ -295,10 +295,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
         emit("warning", {"message": f"{train_set.truncated} training captions are longer than {cfg.max_len} "
                                     f"words: the model learns their first {cfg.max_len} only"})
     sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank, world=dist_info.world)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
-        num_workers=cfg.workers, persistent_workers=False, pin_memory=device.type == "cuda",
-    )
+    loader = make_loader(train_set, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed,
+                         sampler=sampler, drop_last=True, pin_memory=device.type == "cuda")
     steps_per_epoch = len(train_set) // dist_info.world // cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
