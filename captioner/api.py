@@ -69,21 +69,33 @@ class DecodeSettings:
 class Captioner:
     """A trained captioning model with its vocabulary and preprocessing, ready to caption images."""
 
-    def __init__(self, run: LoadedRun, device: torch.device) -> None:
+    def __init__(self, run: LoadedRun, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.run = run
+        # Reduced precision goes where it pays: the encoder, whose convolutions and matrix products are
+        # compute-bound at any batch size (bf16: 3x faster on an AVX512-BF16 CPU). The decoder stays
+        # float32: a decoding step of a few rows is bound by reading the weights, where this CPU's bf16
+        # matrix-vector product is slower than float32's (benchmarks/bench_peers.py), and the word choice
+        # keeps full precision. Converted once, so no step pays for a cast.
         self.model = run.model
+        self.model.encoder.to(dtype)
         self.vocab = run.vocab
         self.preprocess = run.preprocess
         self.device = device
+        self.dtype = dtype
 
     @classmethod
-    def load(cls, run_dir: str | Path | None = None, *, device: str = "auto", which: str = "best") -> Captioner:
-        """Load a run directory (default: the newest under ./runs) for inference."""
+    def load(cls, run_dir: str | Path | None = None, *, device: str = "auto", which: str = "best",
+             precision: str = "auto") -> Captioner:
+        """Load a run directory (default: the newest under ./runs) for inference.
+
+        precision: auto (bf16 where the GPU or CPU computes it natively, else fp32), fp32, bf16 or fp16 (CUDA).
+        """
         from captioner.checkpoint import load_run
-        from captioner.training import resolve_device
+        from captioner.training import resolve_device, resolve_precision
 
         dev = resolve_device(device)
-        return cls(load_run(run_dir, which=which, device=str(dev)), dev)
+        dtype = resolve_precision(precision, dev)
+        return cls(load_run(run_dir, which=which, device=str(dev)), dev, dtype)
 
     def to_tensor(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """Open (via the one image loader) and preprocess images into a batch (B, 3, S, S)."""

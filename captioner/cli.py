@@ -211,7 +211,8 @@ def train(
     grad_clip: Annotated[float | None, typer.Option(min=0.0)] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[Device | None, typer.Option()] = None,
-    precision: Annotated[Precision | None, typer.Option(help="fp16 needs CUDA; auto = bf16 on GPUs with it.")] = None,
+    precision: Annotated[Precision | None, typer.Option(
+        help="auto = bf16 where the GPU or CPU computes it natively; fp16 needs CUDA.")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     val_every: Annotated[int | None, typer.Option(min=1, help="Validate every N steps (default: each epoch).")] = None,
     early_stop: Annotated[int | None, typer.Option(min=1, help="Stop after N validations without gain.")] = None,
@@ -220,7 +221,7 @@ def train(
     workers: Annotated[int | None, typer.Option(min=0, help="DataLoader worker processes.")] = None,
     image_size: Annotated[int | None, typer.Option(min=16, max=1024)] = None,
     patch_size: Annotated[int | None, typer.Option(min=1, max=256, help="ViT patch side (divides image size).")] = None,
-    cnn_arch: Annotated[str | None, typer.Option(help="resnet18, resnet34 or resnet50.")] = None,
+    cnn_arch: Annotated[str | None, typer.Option(help="resnet_small, resnet18, resnet34 or resnet50.")] = None,
     cnn_stride: Annotated[int | None, typer.Option(help="CNN output stride: 16 or 32.")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch",
                                                     help="Start the CNN from ImageNet weights (local).")] = None,
@@ -390,6 +391,8 @@ def _print_result(result: Any) -> None:
 Model = Annotated[Path | None, typer.Option("--model", help="Run directory (default: newest under ./runs).")]
 Beam = Annotated[int, typer.Option(min=1, max=64, help="Beam size (1 = greedy).")]
 MaxLen = Annotated[int, typer.Option(min=1, max=500, help="Longest caption in tokens.")]
+InferPrecision = Annotated[Precision, typer.Option(
+    "--precision", help="Encoder precision: auto = bf16 where the GPU or CPU computes it natively.")]
 
 
 @app.command()
@@ -408,6 +411,7 @@ def caption(
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     device: Annotated[Device, typer.Option()] = Device.auto,
+    precision: InferPrecision = Precision.auto,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Caption images with a trained run (greedy, beam search or sampling)."""
@@ -421,7 +425,7 @@ def caption(
         _err(str(problem))
     if not paths:
         raise typer.Exit(1)
-    captioner = Captioner.load(model, device=device.value)
+    captioner = Captioner.load(model, device=device.value, precision=precision.value)
     results, failures = captioner.caption_files(paths, settings, batch_size=batch_size)
     for failure in failures:
         _err(str(failure))
@@ -459,6 +463,7 @@ def attend(
     max_len: MaxLen = 30,
     rollout: Annotated[bool, typer.Option(help="Add the ViT encoder's attention rollout.")] = True,
     device: Annotated[Device, typer.Option()] = Device.auto,
+    precision: InferPrecision = Precision.auto,
 ) -> None:
     """Write per-word attention overlays: where the decoder looked while writing each word."""
     from captioner.api import Captioner, DecodeSettings, collect_images
@@ -474,7 +479,7 @@ def attend(
         _err(str(problem))
     if not paths:
         raise typer.Exit(1)
-    captioner = Captioner.load(model, device=device.value)
+    captioner = Captioner.load(model, device=device.value, precision=precision.value)
     written, failures = explain_files(captioner, paths, settings, out=out, layer=layer_choice, heads=heads,
                                       rollout=rollout)
     for failure in failures:
@@ -510,6 +515,7 @@ def evaluate(
                                               help="PTB tokenizer + METEOR via Java (default: if found).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to save the generated captions (COCO results).")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
+    precision: InferPrecision = Precision.auto,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D) on a split, or of a predictions file."""
@@ -519,7 +525,7 @@ def evaluate(
     settings = DecodeSettings(beam=beam, max_len=max_len)
     result = run_evaluate(model=model, data=data, images=images, format=format.value, split=split.value,
                           predictions=predictions, settings=settings, limit=limit, batch_size=batch_size,
-                          java=java, out=out, device=device.value)
+                          java=java, out=out, device=device.value, precision=precision.value)
     summary = result.report.summary()
     if json_out:
         typer.echo(json.dumps({**summary, "tokenizer": result.report.tokenizer, "notes": result.report.notes,

@@ -10,7 +10,8 @@ from captioner.errors import ConfigError
 
 ENCODERS = ("vit", "cnn")
 SCORES = ("dot", "scaled_dot", "general", "additive")
-CNN_ARCHS = ("resnet18", "resnet34", "resnet50")
+CNN_ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
+VIT_STEMS = ("linear", "conv", "resnet")
 
 
 @dataclass
@@ -35,8 +36,11 @@ class ModelConfig:
     vit_pos: str = "sinusoidal"  # "sinusoidal" (any grid size) or "learned" (interpolated for other sizes)
     cls_token: bool = False  # prepend a learned CLS slot; it is dropped from the memory the decoder sees
     vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, local weights only)
+    # How our ViT embeds a patch: "linear" (one linear map of its pixels, Dosovitskiy et al.) or "conv"
+    # (two stride-2 3x3 convolutions first, Xiao et al. 2021: same patch grid, far faster to train).
+    vit_stem: str = "linear"
     # CNN encoder
-    cnn_arch: str = "resnet18"  # torchvision ResNet whose last feature map becomes the region sequence
+    cnn_arch: str = "resnet18"  # ResNet whose last feature map becomes the region sequence (resnet_small: ours)
     cnn_stride: int = 16  # 32 = all four stages; 16 drops layer4 so small images still give a useful grid
     pretrained: bool = False  # start the backbone from torchvision ImageNet weights (cache or backbone_weights)
     backbone_weights: str | None = None  # local state-dict file for the backbone; never downloaded
@@ -57,6 +61,8 @@ class ModelConfig:
             raise ConfigError(f"cnn_stride must be 16 or 32, got {self.cnn_stride}")
         if self.vit_pos not in ("sinusoidal", "learned"):
             raise ConfigError(f"vit_pos must be sinusoidal or learned, got {self.vit_pos!r}")
+        if self.vit_stem not in VIT_STEMS:
+            raise ConfigError(f"vit_stem must be one of {', '.join(VIT_STEMS)}, got {self.vit_stem!r}")
         if self.vit_backbone not in ("ours", "vit_b_16"):
             raise ConfigError(f"vit_backbone must be ours or vit_b_16, got {self.vit_backbone!r}")
         for name in ("image_size", "d_model", "n_heads", "n_layers", "d_ff", "vocab_size", "patch_size"):
@@ -69,6 +75,10 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        stem_stride = {"linear": 1, "conv": 4, "resnet": 8}[self.vit_stem]
+        if self.patch_size % stem_stride:
+            raise ConfigError(f"the {self.vit_stem} stem downsamples by {stem_stride} before cutting patches: "
+                              f"patch_size must be a multiple of {stem_stride}, got {self.patch_size}")
         if self.encoder == "vit" and self.vit_backbone == "ours" and self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
@@ -92,7 +102,10 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny has no dropout: it is for the built-in world, whose data is plentiful, and on a CPU dropout's
     # random masks cost about a sixth of the step time.
-    "tiny": dict(d_model=128, n_heads=4, n_layers=2, d_ff=512, enc_layers=2, dropout=0.0),
+    # Its encoders are the ones that learn the world fastest per CPU second: the ViT with a conv stem,
+    # the compact ResNet (ResNet-18 costs 3.6x the FLOPs and learned far slower in the same minutes).
+    "tiny": dict(d_model=128, n_heads=4, n_layers=2, d_ff=512, enc_layers=2, dropout=0.0, vit_stem="conv",
+                 cnn_arch="resnet_small"),
     "small": dict(d_model=256, n_heads=4, n_layers=3, d_ff=1024, enc_layers=4),
     "base": dict(d_model=512, n_heads=8, n_layers=6, d_ff=2048, enc_layers=6, image_size=224, patch_size=16),
 }
@@ -131,7 +144,9 @@ class TrainConfig:
     val_every: int | None = None  # validate every N steps; None = once per epoch
     early_stop: int | None = None  # stop after this many validations without a CIDEr improvement
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own token (ramped linearly)
-    synth_train: int = 10000  # scenes in the built-in world's splits
+    # Scenes in the built-in world's splits. 30 000 training scenes: with 10 000 the default CNN run peaked
+    # at 89.5 % validation accuracy halfway and fell to ~80 % by the end as it learned the scenes by heart.
+    synth_train: int = 30000
     synth_val: int = 200
     synth_test: int = 500
     synth_max_objects: int = 3  # 1 gives the one-object world (used to check attention grounding)
@@ -163,4 +178,4 @@ class TrainConfig:
 
 # Steps of a default run on the built-in world, sized so it ends within ~9 minutes on a 2-core CPU
 # (the ResNet costs about 4x the ViT per image). The time limit above is the safety net.
-DEFAULT_STEPS = {"vit": 4500, "cnn": 800}
+DEFAULT_STEPS = {"vit": 5500, "cnn": 6000}

@@ -7,6 +7,7 @@ reports progress through an `on_event(kind, data)` callback and never prints.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -90,10 +91,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); read from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto -> bf16 on GPUs that have it, else fp32. fp16 needs CUDA (it trains with a grad scaler)."""
+    """auto -> bf16 mixed precision where the hardware computes bf16 natively (recent GPUs, CPUs with
+    AVX512-BF16/AMX), else fp32. fp16 needs CUDA (it trains with a grad scaler)."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

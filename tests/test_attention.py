@@ -66,8 +66,10 @@ def _reference_mha(mha: MultiHeadAttention, query: torch.Tensor, key: torch.Tens
                    keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head attention by einsum in float64 from the module's parameters; keep broadcasts to (B,H,Tq,Tk)."""
     H = mha.n_heads
-    lin = {n: (getattr(mha, n).weight.double(), getattr(mha, n).bias.double())
-           for n in ("to_q", "to_k", "to_v", "to_out")}
+    lin = {n: (getattr(mha, n).weight.double(), getattr(mha, n).bias.double()) for n in ("to_q", "to_kv", "to_out")}
+    W_kv, b_kv = lin.pop("to_kv")
+    D = W_kv.shape[0] // 2
+    lin["to_k"], lin["to_v"] = (W_kv[:D], b_kv[:D]), (W_kv[D:], b_kv[D:])  # rows :D are W_K, rows D: are W_V
 
     def heads(x: torch.Tensor, name: str) -> torch.Tensor:
         W, b = lin[name]
@@ -205,13 +207,15 @@ def test_mha_matches_reference_and_fused_equals_explicit(name: str, mask_kind: s
 
 def _copy_into_torch_mha(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
     with torch.no_grad():
+        D = ours.to_q.weight.shape[0]
+        w_k, w_v = ours.to_kv.weight[:D], ours.to_kv.weight[D:]
         if theirs._qkv_same_embed_dim:
-            theirs.in_proj_weight.copy_(torch.cat([ours.to_q.weight, ours.to_k.weight, ours.to_v.weight]))
+            theirs.in_proj_weight.copy_(torch.cat([ours.to_q.weight, w_k, w_v]))
         else:
             theirs.q_proj_weight.copy_(ours.to_q.weight)
-            theirs.k_proj_weight.copy_(ours.to_k.weight)
-            theirs.v_proj_weight.copy_(ours.to_v.weight)
-        theirs.in_proj_bias.copy_(torch.cat([ours.to_q.bias, ours.to_k.bias, ours.to_v.bias]))
+            theirs.k_proj_weight.copy_(w_k)
+            theirs.v_proj_weight.copy_(w_v)
+        theirs.in_proj_bias.copy_(torch.cat([ours.to_q.bias, ours.to_kv.bias]))
         theirs.out_proj.weight.copy_(ours.to_out.weight)
         theirs.out_proj.bias.copy_(ours.to_out.bias)
 
@@ -421,3 +425,18 @@ def test_sinusoidal_2d_is_row_major_half_rows_half_columns() -> None:
             torch.testing.assert_close(pe[r * w + c, D // 2:], cols[c])
     # Any grid: no table to run out of.
     assert sinusoidal_2d(40, 3, 16).shape == (120, 16)
+
+
+def test_distinct_key_and_value_sequences_use_their_own_halves_of_w_kv() -> None:
+    # K and V share one stacked matrix; when keys and values come from different tensors, each must
+    # still be projected by its own half (rows :D for keys, rows D: for values).
+    torch.manual_seed(0)
+    mha = _randomise(MultiHeadAttention(d_model=8, n_heads=2, d_kv=6)).eval()
+    query, key, value = torch.randn(2, 3, 8), torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    out, weights = mha(query, key, value, need_weights=True)
+    ref_out, ref_weights = _reference_mha(mha, query, key, value, None)
+    torch.testing.assert_close(weights.double(), ref_weights, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
+    same, _ = mha(query, key, key)
+    ref_same, _ = _reference_mha(mha, query, key, key, None)
+    torch.testing.assert_close(same.double(), ref_same, atol=1e-4, rtol=1e-4)

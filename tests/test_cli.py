@@ -137,3 +137,24 @@ def test_data_check(samples: Path) -> None:
     result = run("data", "check", "--data", samples / "captions.json", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)
+
+
+def test_bf16_encoder_inference_keeps_a_float32_decoder(trained_run: Path, samples: Path) -> None:
+    import torch
+
+    from captioner import Captioner
+
+    images = sorted((samples / "images").iterdir())[:4]
+    full = Captioner.load(trained_run, device="cpu", precision="fp32")
+    reference = [c.text for c in full.caption(images)]
+    mixed = Captioner.load(trained_run, device="cpu", precision="bf16")
+    assert next(mixed.model.encoder.parameters()).dtype == torch.bfloat16
+    assert mixed.model.decoder.embed.weight.dtype == torch.float32
+    assert mixed.model.encode(mixed.to_tensor(images)).memory.dtype == torch.float32
+    captions = mixed.caption(images)
+    assert len(captions) == len(reference) and all(c.text for c in captions)
+    result = run("caption", images[0], "--model", trained_run, "--precision", "fp32", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["caption"] == reference[0]
+    refused = run("caption", images[0], "--model", trained_run, "--precision", "fp16", "--device", "cpu")
+    assert refused.exit_code != 0 and "fp16 needs a CUDA device" in refused.output

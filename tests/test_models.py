@@ -83,6 +83,57 @@ def test_cnn_stride_32_keeps_layer4() -> None:
     assert encoded.grid == (2, 2) and hasattr(encoder.backbone, "layer4")
 
 
+@pytest.mark.parametrize(("stride", "grid"), [(16, (6, 6)), (32, (3, 3))])
+def test_small_resnet_gives_the_same_grid_as_torchvisions(stride: int, grid: tuple[int, int]) -> None:
+    config = ModelConfig(encoder="cnn", cnn_arch="resnet_small", cnn_stride=stride, d_model=32, n_heads=2)
+    encoder = CNNEncoder(config).eval()
+    with torch.no_grad():
+        encoded = encoder(torch.randn(2, 3, 96, 96))
+    assert encoded.grid == grid and encoded.memory.shape == (2, grid[0] * grid[1], 32)
+    assert sum(p.numel() for p in encoder.backbone.parameters()) < 2_000_000  # a fraction of ResNet-18's 11M
+    assert [name for name, _ in encoder.backbone.named_children()][:3] == ["conv1", "bn1", "relu"]
+
+
+def test_small_resnet_has_no_imagenet_weights_to_find() -> None:
+    with pytest.raises(ConfigError, match="resnet_small has no ImageNet weights"):
+        CNNEncoder(ModelConfig(encoder="cnn", cnn_arch="resnet_small", pretrained=True))
+
+
+def test_small_resnet_loads_its_own_weight_file(tmp_path) -> None:
+    config = tiny_model_config("cnn", cnn_arch="resnet_small")
+    source = CNNEncoder(config)
+    path = tmp_path / "small.pt"
+    torch.save(source.backbone.state_dict(), path)
+    loaded = CNNEncoder(tiny_model_config("cnn", cnn_arch="resnet_small", backbone_weights=str(path)))
+    for (name, a), b in zip(source.backbone.state_dict().items(), loaded.backbone.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_conv_stem_keeps_the_patch_grid() -> None:
+    linear, conv = _model("vit").eval(), _model("vit", vit_stem="conv").eval()
+    with torch.no_grad():
+        a, b = linear.encode(_images(2)), conv.encode(_images(2))
+    assert a.grid == b.grid == (4, 4) and a.memory.shape == b.memory.shape
+    assert isinstance(conv.encoder.to_patch_embedding, torch.nn.Sequential)
+    stem = conv.encoder.to_patch_embedding
+    assert stem[-1].kernel_size == stem[-1].stride == (3, 3)  # 12 px patches = 4x (stem) * 3x3 cells
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        tiny_model_config("vit", vit_stem="conv", patch_size=6)
+
+
+def test_hybrid_stem_cuts_patches_from_a_cnn_feature_map() -> None:
+    model = _model("vit", vit_stem="resnet", patch_size=16).eval()  # 48 px images: a 3x3 grid of 16 px patches
+    with torch.no_grad():
+        encoded = model.encode(_images(2))
+    assert encoded.grid == (3, 3) and encoded.memory.shape == (2, 9, 32)
+    cnn, patches = model.encoder.to_patch_embedding
+    assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 128, 6, 6)  # stride 8, 128 channels
+    assert patches.kernel_size == patches.stride == (2, 2)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        tiny_model_config("vit", vit_stem="resnet", patch_size=12)
+
+
 def test_cnn_regions_are_row_major() -> None:
     encoder = CNNEncoder(tiny_model_config("cnn")).eval()
     with torch.no_grad():
@@ -216,6 +267,9 @@ def test_state_reorder_expands_images_into_beams() -> None:
 @pytest.mark.parametrize(("encoder", "extra"), [
     ("vit", dict(cls_token=True, vit_pos="learned", cross_score="additive", n_layers=2)),
     ("cnn", dict(cross_score="general", norm_first=False)),
+    ("vit", dict(vit_stem="conv")),
+    ("vit", dict(vit_stem="resnet", patch_size=16)),
+    ("cnn", dict(cnn_arch="resnet_small")),
 ])
 def test_every_parameter_receives_a_gradient(encoder: str, extra: dict) -> None:
     model = _model(encoder, **extra).train()

@@ -472,7 +472,7 @@ def test_unk_is_never_printed(how: list[str], tmp_path: Path) -> None:
     (["train", "--max-steps", "0"], "'--max-steps': Input should be greater than or equal to 1"),
     (["train", "--lr", "-1"], "'--lr': Input should be greater than or equal to 0"),
     (["train", "--patch-size", "0"], "'--patch-size': Input should be greater than or equal to 1"),
-    (["train", "--cnn-arch", "vgg16", "--encoder", "cnn"], "cnn_arch must be one of resnet18, resnet34, resnet50"),
+    (["train", "--cnn-arch", "vgg16", "--encoder", "cnn"], "cnn_arch must be one of resnet_small, resnet18, resnet34, resnet50"),
     (["data", "synth", "--n", "0"], "'--n': Input should be greater than or equal to 1"),
     (["data", "check", "--data", "{image}", "--min-count", "0"], "'--min-count': Input should be greater than"),
 ])

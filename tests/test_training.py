@@ -186,3 +186,22 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     state = checkpoint.load_weights(run / checkpoint.LAST).train_state
     assert state["step"] == 4
     assert checkpoint.load_run(run).model is not None
+
+
+@pytest.mark.parametrize(("native", "want"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native: bool, want) -> None:
+    from captioner import training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    assert training.resolve_precision("auto", torch.device("cpu")) == want
+    assert training.resolve_precision("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
+    assert training.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_bf16_autocast_training_learns_on_cpu(tmp_path: Path) -> None:
+    # The mixed-precision path that auto picks on CPUs with native bf16 (emulated, slower, elsewhere).
+    cfg = tiny_train_config(precision="bf16", epochs=3)
+    losses: list[float] = []
+    train(cfg, tmp_path / "bf16", on_event=lambda kind, data: losses.append(data["loss"]) if kind == "step" else None)
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from captioner.data.images import Preprocess
 from captioner.data.sources import Sample, sample_image
 from captioner.data.vocab import Vocabulary
 from captioner.errors import DataError
@@ -140,22 +141,28 @@ class CaptionDataset(torch.utils.data.Dataset):
         return index, _mix(self.seed, self.epoch, index) % n
 
     def image(self, i: int) -> Image.Image:
-        """The RGB image of sample i; rendered scenes are cached as uint8 arrays (rendering costs CPU)."""
+        """The RGB image of sample i."""
+        pixels = self._cached_render(i)
+        return Image.fromarray(pixels) if pixels is not None else sample_image(self.samples[i])
+
+    def _cached_render(self, i: int) -> np.ndarray | None:
+        """Sample i's rendered scene as uint8 (S, S, 3), rendered once (rendering costs CPU); None for files."""
         s = self.samples[i]
-        if s.path is None and s.scene is not None and self.cache_renders:
-            pixels = self._renders.get(i)
-            if pixels is None:
-                pixels = np.asarray(s.scene.render())
-                self._renders[i] = pixels
-            return Image.fromarray(pixels)
-        return sample_image(s)
+        if s.path is not None or s.scene is None or not self.cache_renders:
+            return None
+        pixels = self._renders.get(i)
+        if pixels is None:
+            pixels = np.asarray(s.scene.render())
+            self._renders[i] = pixels
+        return pixels
 
     def __getitem__(self, index: int) -> Item:
         i, j = self.caption_index(index)
         words = self.tokens[i][j]
         inputs = torch.tensor([self.vocab.bos_id, *words], dtype=torch.long)  # (T,)
         targets = torch.tensor([*words, self.vocab.eos_id], dtype=torch.long)  # (T,)
-        image = self.transform(self.image(i))  # (3, S, S)
+        pixels = self._cached_render(i) if isinstance(self.transform, Preprocess) else None
+        image = self.transform(pixels if pixels is not None else self.image(i))  # (3, S, S)
         return Item(image, inputs, targets, self.samples[i].image_id, self.vocab.pad_id)
 
 

@@ -229,6 +229,8 @@ class Preprocess:
     def __call__(self, pil: Image.Image | np.ndarray) -> torch.Tensor:
         """PIL image (any mode) or uint8 array (H, W, 3) -> tensor (3, S, S)."""
         if isinstance(pil, np.ndarray):
+            if pil.dtype == np.uint8 and pil.shape == (self.image_size, self.image_size, 3):
+                return self.normalize(pil)  # already RGB at S x S (a cached render): no Pillow round trip
             pil = Image.fromarray(pil)
         return self.normalize(self.resized(pil))
 

@@ -235,8 +235,9 @@ class MultiHeadAttention(nn.Module):
         d_kv = d_kv or d_model
         self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
         self.to_q = nn.Linear(d_model, d_model)
-        self.to_k = nn.Linear(d_kv, d_model)
-        self.to_v = nn.Linear(d_kv, d_model)
+        # W_K and W_V stacked in one (2D, d_kv) matrix: keys and values are projections of the same sequence,
+        # so one matrix product gives both (rows :D are W_K, rows D: are W_V).
+        self.to_kv = nn.Linear(d_kv, 2 * d_model)
         self.score = Score(score, n_heads=n_heads, d_q=self.d_head, d_k=self.d_head)
         self.to_out = nn.Linear(d_model, d_model)  # W_O: mixes the concatenated heads back into D
 
@@ -244,9 +245,20 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
 
+    def project_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (B, H, Tk, Dh) = key W_K and values (B, H, Tk, Dh) = value W_V, in one product when key is value."""
+        B, Tk, _ = key.shape
+        if key is value:
+            kv = self.to_kv(key).view(B, Tk, 2, self.n_heads, self.d_head)  # (B, Tk, 2, H, Dh)
+            return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        D = self.n_heads * self.d_head
+        w, b = self.to_kv.weight, self.to_kv.bias
+        return (self._split_heads(F.linear(key, w[:D], b[:D])),
+                self._split_heads(F.linear(value, w[D:], b[D:])))
+
     def precompute(self, memory: torch.Tensor) -> KVCache:
         """Cross-attention keys and values of `memory` (B, N, d_kv), computed once per image and reused."""
-        k, v = self._split_heads(self.to_k(memory)), self._split_heads(self.to_v(memory))  # (B, H, N, Dh)
+        k, v = self.project_kv(memory, memory)  # (B, H, N, Dh)
         return KVCache(k, v, frozen=True)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None, *,
@@ -266,7 +278,7 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.k, cache.v  # (B, H, N, Dh), computed once per image
         else:
             assert key is not None and value is not None, "key and value are needed unless a frozen cache has them"
-            k, v = self._split_heads(self.to_k(key)), self._split_heads(self.to_v(value))  # (B, H, Tk, Dh)
+            k, v = self.project_kv(key, value)  # (B, H, Tk, Dh)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, past + Tk, Dh)
         assert k.shape[0] == B, f"queries have batch {B} but keys/values have {k.shape[0]}"

@@ -92,13 +92,24 @@ class TransformerDecoder(nn.Module):
         # Tied output layer (Press & Wolf): the logit of word v is the similarity of the state to v's embedding.
         self.head = nn.Linear(D, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight
+        self._positions = torch.empty(0)  # sinusoidal_1d rows computed so far: a decoding step reads one
+
+    def positions(self, offset: int, T: int, like: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal encodings (T, D) of positions offset .. offset+T-1, from a table that grows on demand."""
+        end = offset + T
+        table = self._positions
+        if table.shape[0] < end or table.device != like.device:
+            with torch.inference_mode(False):  # a plain tensor, even when first built while decoding
+                table = sinusoidal_1d(max(end, 2 * table.shape[0], 64), self.d_model, device=like.device)
+            self._positions = table
+        return table[offset:end].to(like.dtype)
 
     def _embed(self, tokens: torch.Tensor, *, offset: int) -> torch.Tensor:
         B, T = tokens.shape
         # x sqrt(D) as in Vaswani et al.: the tied embedding's rows stay small (they are also the output
         # layer), and the scaling lets the token signal keep up with the unit-scale positions.
         x = self.embed(tokens) * math.sqrt(self.d_model)  # (B, T, D)
-        x = x + sinusoidal_1d(T, self.d_model, offset=offset, device=x.device, dtype=x.dtype)
+        x = x + self.positions(offset, T, x)
         return self.dropout(x)
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
