@@ -102,10 +102,11 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny has no dropout: it is for the built-in world, whose data is plentiful, and on a CPU dropout's
     # random masks cost about a sixth of the step time.
-    # Its encoders are the ones that learn the world fastest per CPU second: the ViT with a conv stem,
-    # the compact ResNet (ResNet-18 costs 3.6x the FLOPs and learned far slower in the same minutes).
-    "tiny": dict(d_model=128, n_heads=4, n_layers=2, d_ff=512, enc_layers=2, dropout=0.0, vit_stem="conv",
-                 cnn_arch="resnet_small"),
+    # Its encoders are the ones that learned the world fastest per CPU second (1500-step runs, validation
+    # caption accuracy, 1 thread): the compact ResNet 62 % (ResNet-18 costs 3.6x its FLOPs); for the ViT,
+    # the hybrid stem 51 %, the conv stem 32 %, the conv stem on 16 px patches 27 %.
+    "tiny": dict(d_model=128, n_heads=4, n_layers=2, d_ff=512, enc_layers=2, dropout=0.0, vit_stem="resnet",
+                 patch_size=16, cnn_arch="resnet_small"),
     "small": dict(d_model=256, n_heads=4, n_layers=3, d_ff=1024, enc_layers=4),
     "base": dict(d_model=512, n_heads=8, n_layers=6, d_ff=2048, enc_layers=6, image_size=224, patch_size=16),
 }
@@ -178,4 +179,4 @@ class TrainConfig:
 
 # Steps of a default run on the built-in world, sized so it ends within ~9 minutes on a 2-core CPU
 # (the ResNet costs about 4x the ViT per image). The time limit above is the safety net.
-DEFAULT_STEPS = {"vit": 5500, "cnn": 6000}
+DEFAULT_STEPS = {"vit": 5200, "cnn": 5500}
