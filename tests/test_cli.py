@@ -42,7 +42,7 @@ def test_help_lists_commands_and_version() -> None:
     (["caption", "x.png", "--beam", "0"], "'--beam': Input should be greater than or equal to 1"),
     (["caption", "x.png", "--max-len", "-3"], "'--max-len': Input should be greater than or equal to 1"),
     (["train", "--encoder", "rnn"], "'rnn' is not one of 'vit', 'cnn'"),
-    (["train", "--image-size", "50", "--patch-size", "12", "--out", "never"], "divisible by patch_size"),
+    (["train", "--image-size", "50", "--patch-size", "16", "--out", "never"], "divisible by patch_size"),
     (["train", "--set", "n_heads=3", "--out", "never"], "divisible by n_heads"),
 ])
 def test_bad_options_refused_before_work(args: list[str], message: str, tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def test_small_resnet_loads_its_own_weight_file(tmp_path) -> None:
 
 
 def test_conv_stem_keeps_the_patch_grid() -> None:
-    linear, conv = _model("vit").eval(), _model("vit", vit_stem="conv").eval()
+    linear, conv = _model("vit", vit_stem="linear").eval(), _model("vit", vit_stem="conv").eval()
     with torch.no_grad():
         a, b = linear.encode(_images(2)), conv.encode(_images(2))
     assert a.grid == b.grid == (4, 4) and a.memory.shape == b.memory.shape
@@ -306,7 +306,7 @@ def test_overfits_a_batch(encoder: str, size: int) -> None:
 
 
 def test_parameter_groups_exempt_norms_biases_embeddings() -> None:
-    model = _model("vit", vit_pos="learned", cls_token=True)
+    model = _model("vit", vit_pos="learned", cls_token=True, vit_stem="linear")
     decay, no_decay = model.parameter_groups(0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
