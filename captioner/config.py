@@ -179,4 +179,4 @@ class TrainConfig:
 
 # Steps of a default run on the built-in world, sized so it ends within ~9 minutes on a 2-core CPU
 # (the ResNet costs about 4x the ViT per image). The time limit above is the safety net.
-DEFAULT_STEPS = {"vit": 5200, "cnn": 5500}
+DEFAULT_STEPS = {"vit": 4600, "cnn": 5500}
