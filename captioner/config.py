@@ -11,7 +11,7 @@ from captioner.errors import ConfigError
 ENCODERS = ("vit", "cnn")
 SCORES = ("dot", "scaled_dot", "general", "additive")
 CNN_ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
-VIT_STEMS = ("linear", "conv", "resnet")
+VIT_STEM_STRIDES = {"linear": 1, "conv": 4, "resnet": 8}  # how far each ViT stem downsamples before the patches
 
 
 @dataclass
@@ -36,8 +36,9 @@ class ModelConfig:
     vit_pos: str = "sinusoidal"  # "sinusoidal" (any grid size) or "learned" (interpolated for other sizes)
     cls_token: bool = False  # prepend a learned CLS slot; it is dropped from the memory the decoder sees
     vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, local weights only)
-    # How our ViT embeds a patch: "linear" (one linear map of its pixels, Dosovitskiy et al.) or "conv"
-    # (two stride-2 3x3 convolutions first, Xiao et al. 2021: same patch grid, far faster to train).
+    # How our ViT embeds a patch: "linear" (one linear map of its pixels, Dosovitskiy et al.), "conv" (two
+    # stride-2 3x3 convolutions first, Xiao et al. 2021) or "resnet" (the hybrid: patches of a stride-8 CNN
+    # feature map, Dosovitskiy et al. section 3.1). Same patch grid for all three.
     vit_stem: str = "linear"
     # CNN encoder
     cnn_arch: str = "resnet18"  # ResNet whose last feature map becomes the region sequence (resnet_small: ours)
@@ -61,8 +62,8 @@ class ModelConfig:
             raise ConfigError(f"cnn_stride must be 16 or 32, got {self.cnn_stride}")
         if self.vit_pos not in ("sinusoidal", "learned"):
             raise ConfigError(f"vit_pos must be sinusoidal or learned, got {self.vit_pos!r}")
-        if self.vit_stem not in VIT_STEMS:
-            raise ConfigError(f"vit_stem must be one of {', '.join(VIT_STEMS)}, got {self.vit_stem!r}")
+        if self.vit_stem not in VIT_STEM_STRIDES:
+            raise ConfigError(f"vit_stem must be one of {', '.join(VIT_STEM_STRIDES)}, got {self.vit_stem!r}")
         if self.vit_backbone not in ("ours", "vit_b_16"):
             raise ConfigError(f"vit_backbone must be ours or vit_b_16, got {self.vit_backbone!r}")
         for name in ("image_size", "d_model", "n_heads", "n_layers", "d_ff", "vocab_size", "patch_size"):
@@ -75,7 +76,7 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        stem_stride = {"linear": 1, "conv": 4, "resnet": 8}[self.vit_stem]
+        stem_stride = VIT_STEM_STRIDES[self.vit_stem]
         if self.patch_size % stem_stride:
             raise ConfigError(f"the {self.vit_stem} stem downsamples by {stem_stride} before cutting patches: "
                               f"patch_size must be a multiple of {stem_stride}, got {self.patch_size}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioner.config import ModelConfig
+from captioner.config import VIT_STEM_STRIDES, ModelConfig
 from captioner.errors import ConfigError
 from captioner.models.attention import FeedForward, MultiHeadAttention
 from captioner.models.positional import sinusoidal_2d
@@ -273,20 +273,22 @@ def patch_embedding(config: ModelConfig) -> nn.Module:
     (Dosovitskiy et al.). conv: two 3x3 stride-2 convolutions (BatchNorm, ReLU) see edges and corners
     first, then a kernel = stride = p/4 conv cuts the same p x p patches (Xiao et al. 2021, "Early
     convolutions help transformers see better"); same grid, same tokens, a far easier optimisation.
+    resnet: the hybrid, below.
     """
-    D, p = config.d_model, config.patch_size
+    D = config.d_model
+    cell = config.patch_size // VIT_STEM_STRIDES[config.vit_stem]  # patch side on the stem's output grid
     if config.vit_stem == "linear":
-        return nn.Conv2d(3, D, kernel_size=p, stride=p)
+        return nn.Conv2d(3, D, kernel_size=cell, stride=cell)
     if config.vit_stem == "resnet":
         # The hybrid of Dosovitskiy et al. (section 3.1): patches are cut from a CNN feature map (the compact
         # ResNet's first stages, stride 8, 128 channels) instead of from raw pixels.
-        return nn.Sequential(nn.Sequential(small_resnet(8)), nn.Conv2d(128, D, kernel_size=p // 8, stride=p // 8))
+        return nn.Sequential(nn.Sequential(small_resnet(8)), nn.Conv2d(128, D, kernel_size=cell, stride=cell))
     widths = (D // 4, D // 2)
     return nn.Sequential(
         nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
         nn.Conv2d(widths[0], widths[1], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[1]),
         nn.ReLU(inplace=True),
-        nn.Conv2d(widths[1], D, kernel_size=p // 4, stride=p // 4),
+        nn.Conv2d(widths[1], D, kernel_size=cell, stride=cell),
     )
 
 
