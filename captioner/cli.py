@@ -351,6 +351,12 @@ class _TrainView:
             parts = [f"{k} {data[k]:.3f}" for k in ("BLEU-4", "CIDEr-D", "accuracy") if k in data]
             parts += [f"distinct {data.get('distinct_share', 0):.0%}"]
             self._write(f"step {data['step']}: " + ", ".join(parts))
+        elif kind == "plan":
+            if self.bar is not None:
+                self.bar.total = data["steps"]
+            if data["first"]:
+                self._write(f"fitting the schedule to the {data['minutes']:g}-min time limit: {data['steps']} of "
+                            f"{data['configured']} steps at this machine's pace (refitted after each validation)")
         elif kind == "warning":
             self._write(f"[bold yellow]warning:[/] {_plain(data['message'])}")
 

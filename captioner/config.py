@@ -11,7 +11,7 @@ from captioner.errors import ConfigError
 ENCODERS = ("vit", "cnn")
 SCORES = ("dot", "scaled_dot", "general", "additive")
 CNN_ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
-VIT_STEM_STRIDES = {"linear": 1, "conv": 4, "resnet": 8}  # how far each ViT stem downsamples before the patches
+VIT_STEM_STRIDES = {"linear": 1, "conv": 4, "resnet": 16}  # how far each ViT stem downsamples before the patches
 
 
 @dataclass
@@ -37,8 +37,8 @@ class ModelConfig:
     cls_token: bool = False  # prepend a learned CLS slot; it is dropped from the memory the decoder sees
     vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, local weights only)
     # How our ViT embeds a patch: "linear" (one linear map of its pixels, Dosovitskiy et al.), "conv" (two
-    # stride-2 3x3 convolutions first, Xiao et al. 2021) or "resnet" (the hybrid: patches of a stride-8 CNN
-    # feature map, Dosovitskiy et al. section 3.1). Same patch grid for all three.
+    # stride-2 3x3 convolutions first, Xiao et al. 2021) or "resnet" (the hybrid: patches of a stride-16 CNN
+    # feature map, Dosovitskiy et al. section 3.1; 1x1 patches at patch_size 16). Same patch grid for all three.
     vit_stem: str = "linear"
     # CNN encoder
     cnn_arch: str = "resnet18"  # ResNet whose last feature map becomes the region sequence (resnet_small: ours)
@@ -178,6 +178,7 @@ class TrainConfig:
         return 9.5 if self.data is None and self.max_steps is None and self.epochs is None else None
 
 
-# Steps of a default run on the built-in world, sized so it ends within ~9 minutes on a 2-core CPU
-# (the ResNet costs about 4x the ViT per image). The time limit above is the safety net.
+# Steps of a default run on the built-in world, sized so it ends within ~9 minutes on an idle 2-core CPU.
+# On a slower or busier machine the time limit above fits the schedule to the minutes there are
+# (training.TimeBudget), so the run still ends annealed rather than cut off mid-schedule.
 DEFAULT_STEPS = {"vit": 4600, "cnn": 5500}

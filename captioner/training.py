@@ -59,6 +59,37 @@ def lr_factor(step: int, *, warmup: int, schedule: str, total: int) -> float:
     raise ConfigError(f"schedule must be inverse_sqrt or cosine, got {schedule!r}")
 
 
+class TimeBudget:
+    """Fits the length of the learning-rate schedule to a time limit, so a run that must stop early ends annealed.
+
+    A cosine schedule cut off by the clock stops at a high learning rate, far from the model it would
+    have reached; a schedule that ends when the time does is the better use of the same minutes (Li et
+    al. 2020, "Budgeted training"). The pace is measured on the steps themselves (validation time apart,
+    and the latest window only, so the first epoch's rendering of the built-in world does not count
+    forever), and the plan only ever shortens the configured number of steps.
+    """
+
+    def __init__(self, limit_s: float, started: float, cap: int, steps_per_epoch: int) -> None:
+        self.limit_s, self.started, self.cap, self.steps_per_epoch = limit_s, started, cap, steps_per_epoch
+        self.window: tuple[int, float] | None = None  # (step, training seconds) where the pace window starts
+        self.train_s = 0.0  # seconds spent in training steps (not validating or saving)
+        self.eval_s = 10.0  # seconds one validation + save costs; measured after the first one
+
+    def plan(self, step: int, now: float) -> int | None:
+        """Steps the schedule should end at, given the pace since the window began; None until it is known."""
+        if self.window is None:
+            self.window = (step, self.train_s)
+            return None
+        steps, seconds = step - self.window[0], self.train_s - self.window[1]
+        if steps < 20:
+            return None
+        self.window = (step, self.train_s)
+        # r more steps cost r * pace, plus a validation every epoch and one at the end: solve for r.
+        left = self.limit_s * 0.97 - 1.0 - (now - self.started) - self.eval_s  # a margin for the clock's noise
+        per_step = seconds / steps + self.eval_s / self.steps_per_epoch
+        return max(step + 1, min(self.cap, step + int(left / per_step)))
+
+
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
                  label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over real target tokens; padding positions never count.
@@ -322,6 +353,14 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
         )
     total_steps = cfg.resolved_steps(steps_per_epoch)
     time_limit = cfg.resolved_time_limit()
+    budget = None
+    if state is not None and cfg.max_steps is None and cfg.epochs is None:
+        total_steps = state.get("total_steps", total_steps)  # a schedule fitted to the clock keeps its length
+    elif state is None and time_limit is not None and cfg.max_steps is None and cfg.epochs is None \
+            and dist_info.world == 1:
+        # Only with the default step count (an explicit --max-steps/--epochs is obeyed, the limit only cuts),
+        # and on one process: ranks timing themselves could plan different lengths and fall out of step.
+        budget = TimeBudget(time_limit * 60, started, total_steps, steps_per_epoch)
     if state is not None and state["step"] >= total_steps:
         raise CheckpointError(
             f"{run_dir}: this run already finished ({state['step']} of {total_steps} steps); "
@@ -370,6 +409,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                                     "optimizer": optimizer.state_dict(), "rng": _rng_state(), "step": step,
                                     "epoch": epoch, "best_score": best_score, "stale": stale,
                                     "best_record": best_record, "finished": finished,
+                                    "total_steps": total_steps,
                                 })
 
     def validate() -> dict[str, Any]:
@@ -416,6 +456,28 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     t0 = time.perf_counter()
     last_record: dict[str, Any] = {}
     window_images, window_t = 0, time.perf_counter()
+    start_step, tick = step, time.perf_counter()
+
+    def refit(now: float) -> None:
+        """Fit the schedule's length to the time left (see TimeBudget); announce the first fit."""
+        nonlocal total_steps
+        fitted = budget.plan(step, now)
+        if fitted is not None and fitted != total_steps:
+            emit("plan", {"steps": fitted, "configured": budget.cap, "minutes": time_limit,
+                          "first": total_steps == budget.cap})
+            total_steps = fitted
+
+    def validate_and_save(*, finished: bool = False) -> dict[str, Any]:
+        nonlocal tick
+        began = time.perf_counter()
+        record = validate()
+        save(finished=finished)
+        tick = time.perf_counter()
+        if budget is not None and not finished:
+            budget.eval_s = tick - began
+            refit(tick)
+        return record
+
     try:
         done = step >= total_steps
         while not done:
@@ -454,6 +516,12 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                     optimizer.step()
                 scheduler.step()
                 step += 1
+                if budget is not None:
+                    now = time.perf_counter()
+                    budget.train_s += now - tick
+                    tick = now
+                    if step - start_step in (10, 110):  # a pace window that skips the first steps' warm-up
+                        refit(now)
                 window_images += images.shape[0] * dist_info.world
                 if step % 10 == 0 or step == total_steps:
                     now = time.perf_counter()
@@ -465,8 +533,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                 if interrupted:
                     break
                 if cfg.val_every and step % cfg.val_every == 0:
-                    last_record = validate()
-                    save()
+                    last_record = validate_and_save()
                 if step >= total_steps:
                     break
                 if time_limit is not None and time.perf_counter() - started > time_limit * 60:
@@ -480,10 +547,11 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             if end_of_epoch:
                 epoch += 1
             if end_of_epoch or step >= total_steps or out_of_time:
-                if not cfg.val_every or step % cfg.val_every:
-                    last_record = validate()
                 done = step >= total_steps or (cfg.early_stop is not None and stale >= cfg.early_stop)
-                save(finished=done)
+                if not cfg.val_every or step % cfg.val_every:
+                    last_record = validate_and_save(finished=done)
+                else:
+                    save(finished=done)
                 if out_of_time and not done:
                     emit("warning", {"message": (
                         f"time limit of {time_limit:g} min reached at step {step} of {total_steps}; "

@@ -128,9 +128,9 @@ def test_hybrid_stem_cuts_patches_from_a_cnn_feature_map() -> None:
         encoded = model.encode(_images(2))
     assert encoded.grid == (3, 3) and encoded.memory.shape == (2, 9, 32)
     cnn, patches = model.encoder.to_patch_embedding
-    assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 128, 6, 6)  # stride 8, 128 channels
-    assert patches.kernel_size == patches.stride == (2, 2)
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 128, 3, 3)  # stride 16, 128 channels
+    assert patches.kernel_size == patches.stride == (1, 1)  # one cell of the feature map per patch
+    with pytest.raises(ConfigError, match="multiple of 16"):
         tiny_model_config("vit", vit_stem="resnet", patch_size=12)
 
 

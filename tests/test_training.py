@@ -18,6 +18,7 @@ from captioner.errors import CheckpointError
 from captioner.training import (
     EpochSampler,
     NonFiniteLoss,
+    TimeBudget,
     TrainingInterrupted,
     caption_loss,
     lr_factor,
@@ -39,6 +40,37 @@ def test_warmup_then_cosine_reaches_zero() -> None:
     f = [lr_factor(s, warmup=10, schedule="cosine", total=100) for s in range(1, 101)]
     assert f[9] == pytest.approx(1.0) and f[-1] == pytest.approx(0.0, abs=1e-9)
     assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+
+
+def test_time_budget_fits_the_schedule_to_the_time_left() -> None:
+    budget = TimeBudget(limit_s=100.0, started=0.0, cap=1000, steps_per_epoch=100)
+    budget.eval_s = 1.0
+    budget.train_s = 2.0
+    assert budget.plan(10, now=3.0) is None  # opens the pace window
+    budget.train_s += 100 * 0.2  # 100 steps at 0.2 s each
+    # 96 s usable (3 % + 1 s margin) - 25 s gone - 1 s for the last validation = 70 s, at 0.2 s per step
+    # plus one 1 s validation every 100 steps (0.21 s per step): 333 more steps
+    assert budget.plan(110, now=25.0) == 110 + 333
+    budget.train_s += 100 * 0.001  # a much faster pace never plans more than the configured steps
+    assert budget.plan(210, now=26.0) == 1000
+    budget.train_s += 100 * 10.0  # out of time: the schedule ends at the next step
+    assert budget.plan(310, now=99.0) == 311
+
+
+def test_default_run_with_a_time_limit_ends_annealed_within_it(tmp_path: Path) -> None:
+    # Default step count (4600 for the ViT): far more than fits in 6 s, so the schedule is fitted to the clock
+    # and the run ends finished with the learning rate at the bottom of its cosine, not cut off at its peak.
+    events: list[tuple[str, dict]] = []
+    cfg = tiny_train_config(epochs=None, time_limit=6 / 60, synth_train=256, warmup_steps=5)
+    result = train(cfg, tmp_path / "run", on_event=lambda kind, data: events.append((kind, data)))
+    plans = [data for kind, data in events if kind == "plan"]
+    assert plans and plans[0]["first"] and plans[0]["configured"] == 4600
+    assert 32 < result.steps == plans[-1]["steps"] < 4600  # past the first epoch (32 steps), short of the default
+    state = checkpoint.load_weights(tmp_path / "run" / checkpoint.LAST).train_state
+    assert state["finished"] and state["total_steps"] == result.steps  # a resume keeps the fitted length
+    steps = [data for kind, data in events if kind == "step"]
+    assert steps[-1]["lr"] < 0.05 * cfg.lr  # annealed
+    assert not any(kind == "warning" and "time limit" in data["message"] for kind, data in events)
 
 
 def test_loss_ignores_padding() -> None:

@@ -174,7 +174,7 @@ def small_resnet(stride: int) -> OrderedDict[str, nn.Module]:
     Widths 32 -> 64 -> 128 -> 128 (-> 256 for stride 32): about 0.15 GFLOP at 96 px against ResNet-18's 0.55,
     which is what lets the CNN encoder train to a useful model in minutes on a CPU. Its stages keep
     torchvision's names (conv1, bn1, relu, layer1..4), so the rest of the encoder treats it like any ResNet.
-    Stride 8 (stem + two stages) is the hybrid ViT's stem.
+    At stride 16 it is also the hybrid ViT's stem.
     """
     assert stride in (8, 16, 32), f"small_resnet stride must be 8, 16 or 32, got {stride}"
     widths = [32, 64, 128, 128, 256][: stride.bit_length() - 1]  # stem + one stage per further halving
@@ -281,8 +281,10 @@ def patch_embedding(config: ModelConfig) -> nn.Module:
         return nn.Conv2d(3, D, kernel_size=cell, stride=cell)
     if config.vit_stem == "resnet":
         # The hybrid of Dosovitskiy et al. (section 3.1): patches are cut from a CNN feature map (the compact
-        # ResNet's first stages, stride 8, 128 channels) instead of from raw pixels.
-        return nn.Sequential(nn.Sequential(small_resnet(8)), nn.Conv2d(128, D, kernel_size=cell, stride=cell))
+        # ResNet's stride-16 stages, 128 channels) instead of from raw pixels. At patch_size 16 a patch is one
+        # cell of that map, the paper's "patches of spatial size 1x1": the Transformer layers then relate
+        # regions that the convolutions have already described.
+        return nn.Sequential(nn.Sequential(small_resnet(16)), nn.Conv2d(128, D, kernel_size=cell, stride=cell))
     widths = (D // 4, D // 2)
     return nn.Sequential(
         nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
