@@ -13,6 +13,7 @@ import torchvision
 
 from captioner.config import PRESETS, ModelConfig, preset
 from captioner.errors import ConfigError
+from captioner.models.attention import MultiHeadAttention
 from captioner.models.captioner import CaptionModel
 from captioner.models.encoders import CNNEncoder, TorchvisionViTEncoder, ViTEncoder
 from captioner.models.positional import sinusoidal_2d
@@ -256,8 +257,25 @@ def test_state_reorder_expands_images_into_beams() -> None:
         ref = model(images, tokens[:, :3])
     torch.testing.assert_close(a[1], ref[index, 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b, ref[index[[2, 1, 0, 5, 5, 3]], 2], atol=1e-5, rtol=1e-5)
+    # The 6 rows share their image's cross-attention K/V: still one row per image, never copied per beam.
+    assert state.self_caches[0].k.shape[0] == 6 and state.cross_caches[0].k.shape[0] == 2
     with pytest.raises(AssertionError, match="reorder the state"):
         model.step(tokens[:, 0], state)
+    with pytest.raises(AssertionError, match="their own image"):
+        state.reorder(torch.tensor([3, 1, 0, 5, 5, 3]))  # row 0 would continue a beam of the other image
+
+
+def test_rows_sharing_an_images_keys_and_values_attend_like_copies() -> None:
+    torch.manual_seed(0)
+    for score in ("scaled_dot", "additive"):  # the fused and the explicit path
+        mha = MultiHeadAttention(d_model=16, n_heads=4, score=score).eval()
+        memory, query = torch.randn(2, 7, 16), torch.randn(6, 1, 16)  # 2 images x 3 rows each
+        with torch.no_grad():
+            shared, w_shared = mha(query, None, None, cache=mha.precompute(memory), need_weights=True)
+            copies, w_copies = mha(query, memory.repeat_interleave(3, 0), memory.repeat_interleave(3, 0),
+                                   need_weights=True)
+        torch.testing.assert_close(shared, copies)
+        torch.testing.assert_close(w_shared, w_copies)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -281,13 +281,24 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(key, value)  # (B, H, Tk, Dh)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, past + Tk, Dh)
-        assert k.shape[0] == B, f"queries have batch {B} but keys/values have {k.shape[0]}"
+        Bk = k.shape[0]
+        assert B % Bk == 0, f"queries have batch {B} but keys/values have {Bk}"
+        R = B // Bk
+        if R > 1:
+            # Rows that share one image's K/V (its beams or samples, adjacent): its R rows become R x Tq
+            # queries of that one image, so the K/V are read once, never copied per row.
+            assert mask is None, "a mask is not supported when rows share keys/values"
+            q = q.view(Bk, R, self.n_heads, Tq, self.d_head).transpose(1, 2).reshape(Bk, self.n_heads, R * Tq, -1)
 
         weights = None
         if need_weights or self.score.name not in FUSED_SCORES:
             out, weights = self._explicit(q, k, v, mask)
         else:
             out = self._fused(q, k, v, mask)
+        if R > 1:  # back to one row per query: (Bk, H, R*Tq, .) -> (B, H, Tq, .)
+            out = out.view(Bk, self.n_heads, R, Tq, -1).transpose(1, 2).reshape(B, self.n_heads, Tq, -1)
+            if weights is not None:
+                weights = weights.view(Bk, self.n_heads, R, Tq, -1).transpose(1, 2).reshape(B, self.n_heads, Tq, -1)
         out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H*Dh): heads concatenated
         return self.to_out(out), (weights if need_weights else None)
 

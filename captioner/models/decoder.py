@@ -20,19 +20,33 @@ from captioner.models.positional import sinusoidal_1d
 
 @dataclass
 class DecoderState:
-    """Incremental decoding state: each layer's self-attention cache and precomputed cross-attention K/V."""
+    """Incremental decoding state: each layer's self-attention cache and precomputed cross-attention K/V.
 
-    self_caches: list[KVCache]  # grow by one position per step
-    cross_caches: list[KVCache]  # frozen: the image memory's K/V, computed once
+    The cross-attention K/V keep one row per image however many rows decode it (beams, samples): the
+    rows of an image stay adjacent, and attention reads its K/V once for all of them rather than from
+    copies (see MultiHeadAttention.forward).
+    """
+
+    self_caches: list[KVCache]  # grow by one position per step, one row per decoded sequence
+    cross_caches: list[KVCache]  # frozen: the image memory's K/V, computed once, one row per image
     position: int = 0  # absolute position of the next token (for its positional encoding)
-    batch_size: int = 0  # rows of every cache (changes with reorder)
+    batch_size: int = 0  # rows being decoded (changes with reorder): a multiple of the images
+    images: int = 0  # rows of the cross caches
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (B',) of every cache in that order; rows may repeat (images x beams)."""
+        """Continue row r from old row index[r] (B',); rows may repeat but must stay with their own image.
+
+        Images x beams: index = image * K + beam, so rows r and index[r] belong to the same image.
+        """
         assert index.dim() == 1 and index.dtype == torch.long, f"index must be a 1-D LongTensor, got {index.shape}"
-        for cache in (*self.self_caches, *self.cross_caches):
+        rows = index.shape[0]
+        assert rows % self.images == 0, f"{rows} rows cannot be split evenly over {self.images} images"
+        old_per, new_per = self.batch_size // self.images, rows // self.images
+        same_image = torch.equal(index // old_per, torch.arange(rows, device=index.device) // new_per)
+        assert same_image, "reorder may only move rows among the rows of their own image"
+        for cache in self.self_caches:
             cache.reorder(index)
-        self.batch_size = index.shape[0]
+        self.batch_size = rows
 
 
 class DecoderLayer(nn.Module):
@@ -136,7 +150,7 @@ class TransformerDecoder(nn.Module):
             f"memory must be (B, N, D={self.d_model}), got {tuple(memory.shape)}"
         return DecoderState(self_caches=[KVCache() for _ in self.layers],
                             cross_caches=[layer.cross_attn.precompute(memory) for layer in self.layers],
-                            batch_size=memory.shape[0])
+                            batch_size=memory.shape[0], images=memory.shape[0])
 
     def step(self, tokens: torch.Tensor, state: DecoderState, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
