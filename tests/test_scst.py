@@ -246,6 +246,8 @@ def test_cli_scst_resume_writes_a_new_run_and_keeps_the_source(tiny_run: Path, t
     (["--scst"], "--resume"),
     (["--scst-samples", "3"], "only apply with --scst"),
     (["--scst", "--resume", "RUN", "--scst-samples", "1"], "at least 2 samples"),
+    (["--scst", "--resume", "RUN", "--label-smoothing", "0.1", "--set", "d_model=64"],
+     "--label-smoothing, --set: not used by --scst"),
 ])
 def test_cli_scst_refuses_bad_options(args: list[str], message: str, tiny_run: Path) -> None:
     result = runner.invoke(app, ["train", *[str(tiny_run) if a == "RUN" else a for a in args]])
