@@ -69,8 +69,11 @@ class TimeBudget:
     forever), and the plan only ever shortens the configured number of steps.
     """
 
-    def __init__(self, limit_s: float, started: float, cap: int, steps_per_epoch: int) -> None:
-        self.limit_s, self.started, self.cap, self.steps_per_epoch = limit_s, started, cap, steps_per_epoch
+    def __init__(self, limit_s: float, started: float, cap: int, steps_per_epoch: int,
+                 val_every: int | None = None) -> None:
+        self.limit_s, self.started, self.cap = limit_s, started, cap
+        # validations per step: one at every epoch's end, plus one every `val_every` steps when set
+        self.evals_per_step = 1 / steps_per_epoch + (1 / val_every if val_every else 0.0)
         self.window: tuple[int, float] | None = None  # (step, training seconds) where the pace window starts
         self.train_s = 0.0  # seconds spent in training steps (not validating or saving)
         self.eval_s = 10.0  # seconds one validation + save costs; measured after the first one
@@ -84,9 +87,9 @@ class TimeBudget:
         if steps < 20:
             return None
         self.window = (step, self.train_s)
-        # r more steps cost r * pace, plus a validation every epoch and one at the end: solve for r.
+        # r more steps cost r * pace, plus the validations on the way and one at the end: solve for r.
         left = self.limit_s * 0.97 - 1.0 - (now - self.started) - self.eval_s  # a margin for the clock's noise
-        per_step = seconds / steps + self.eval_s / self.steps_per_epoch
+        per_step = seconds / steps + self.eval_s * self.evals_per_step
         return max(step + 1, min(self.cap, step + int(left / per_step)))
 
 
@@ -360,7 +363,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             and dist_info.world == 1:
         # Only with the default step count (an explicit --max-steps/--epochs is obeyed, the limit only cuts),
         # and on one process: ranks timing themselves could plan different lengths and fall out of step.
-        budget = TimeBudget(time_limit * 60, started, total_steps, steps_per_epoch)
+        budget = TimeBudget(time_limit * 60, started, total_steps, steps_per_epoch, cfg.val_every)
     if state is not None and state["step"] >= total_steps:
         raise CheckpointError(
             f"{run_dir}: this run already finished ({state['step']} of {total_steps} steps); "

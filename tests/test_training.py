@@ -55,6 +55,12 @@ def test_time_budget_fits_the_schedule_to_the_time_left() -> None:
     assert budget.plan(210, now=26.0) == 1000
     budget.train_s += 100 * 10.0  # out of time: the schedule ends at the next step
     assert budget.plan(310, now=99.0) == 311
+    # Validating every 50 steps as well as every epoch: 0.2 s + 1 s x (1/100 + 1/50) = 0.23 s per step
+    often = TimeBudget(limit_s=100.0, started=0.0, cap=1000, steps_per_epoch=100, val_every=50)
+    often.eval_s, often.train_s = 1.0, 2.0
+    often.plan(10, now=3.0)
+    often.train_s += 100 * 0.2
+    assert often.plan(110, now=25.0) == 110 + 304  # 70 s / 0.23 s
 
 
 def test_default_run_with_a_time_limit_ends_annealed_within_it(tmp_path: Path) -> None:
