@@ -470,13 +470,18 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                           "first": total_steps == budget.cap})
             total_steps = fitted
 
-    def validate_and_save(*, finished: bool = False) -> dict[str, Any]:
+    def stopping() -> bool:
+        return step >= total_steps or (cfg.early_stop is not None and stale >= cfg.early_stop)
+
+    def validate_and_save(*, epoch_end: bool = False) -> dict[str, Any]:
+        """Validate, save (finished when this is the end), and re-fit the schedule to the time that is left."""
         nonlocal tick
         began = time.perf_counter()
-        record = validate()
+        record = validate()  # updates `stale`, so whether this is the end is decided after it
+        finished = epoch_end and stopping()
         save(finished=finished)
         tick = time.perf_counter()
-        if budget is not None and not finished:
+        if budget is not None and not finished and not out_of_time:
             budget.eval_s = tick - began
             refit(tick)
         return record
@@ -550,10 +555,10 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             if end_of_epoch:
                 epoch += 1
             if end_of_epoch or step >= total_steps or out_of_time:
-                done = step >= total_steps or (cfg.early_stop is not None and stale >= cfg.early_stop)
                 if not cfg.val_every or step % cfg.val_every:
-                    last_record = validate_and_save(finished=done)
-                else:
+                    last_record = validate_and_save(epoch_end=True)
+                done = stopping()
+                if cfg.val_every and step % cfg.val_every == 0:  # validated in the loop just now: mark the state
                     save(finished=done)
                 if out_of_time and not done:
                     emit("warning", {"message": (
