@@ -542,7 +542,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                     break
                 if cfg.val_every and step % cfg.val_every == 0:
                     last_record = validate_and_save()
-                if step >= total_steps:
+                if stopping():  # the last step, or early stop's patience ran out at this validation
                     break
                 if time_limit is not None and time.perf_counter() - started > time_limit * 60:
                     out_of_time = True
@@ -554,7 +554,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             end_of_epoch = step - epoch * steps_per_epoch >= steps_per_epoch
             if end_of_epoch:
                 epoch += 1
-            if end_of_epoch or step >= total_steps or out_of_time:
+            if end_of_epoch or stopping() or out_of_time:
                 if not cfg.val_every or step % cfg.val_every:
                     last_record = validate_and_save(epoch_end=True)
                 done = stopping()

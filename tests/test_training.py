@@ -79,6 +79,16 @@ def test_default_run_with_a_time_limit_ends_annealed_within_it(tmp_path: Path) -
     assert not any(kind == "warning" and "time limit" in data["message"] for kind, data in events)
 
 
+def test_early_stop_after_validations_without_improvement(tmp_path: Path) -> None:
+    # A learning rate too small to change any caption: CIDEr-D cannot improve after the first validation.
+    events: list[tuple[str, dict]] = []
+    cfg = tiny_train_config(max_steps=20, val_every=2, early_stop=2, lr=1e-12)
+    result = train(cfg, tmp_path / "run", on_event=lambda kind, data: events.append((kind, data)))
+    assert result.steps == 6  # validations at 2 (best), 4 and 6 (no improvement twice): stop
+    assert any(kind == "warning" and "early stop" in data["message"] for kind, data in events)
+    assert checkpoint.load_weights(tmp_path / "run" / checkpoint.LAST).train_state["finished"]
+
+
 def test_loss_ignores_padding() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, requires_grad=True)
