@@ -59,6 +59,9 @@ def lr_factor(step: int, *, warmup: int, schedule: str, total: int) -> float:
     raise ConfigError(f"schedule must be inverse_sqrt or cosine, got {schedule!r}")
 
 
+TRAIN_LOG_EVERY = 50  # steps between the training-loss records in metrics.jsonl (validations have no phase key)
+
+
 class TimeBudget:
     """Fits the length of the learning-rate schedule to a time limit, so a run that must stop early ends annealed.
 
@@ -533,11 +536,14 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                 window_images += images.shape[0] * dist_info.world
                 if step % 10 == 0 or step == total_steps:
                     now = time.perf_counter()
-                    emit("step", {"step": step, "total": total_steps, "epoch": epoch,
-                                  "loss": all_mean(loss.item(), dist_info), "lr": scheduler.get_last_lr()[0],
-                                  "grad_norm": float(grad_norm),
-                                  "images_per_s": window_images / max(now - window_t, 1e-9)})
+                    progress = {"step": step, "total": total_steps, "epoch": epoch,
+                                "loss": all_mean(loss.item(), dist_info), "lr": scheduler.get_last_lr()[0],
+                                "grad_norm": float(grad_norm),
+                                "images_per_s": window_images / max(now - window_t, 1e-9)}
+                    emit("step", progress)
                     window_images, window_t = 0, now
+                    if step % TRAIN_LOG_EVERY == 0 and dist_info.main:  # the loss curve, beside the validations
+                        checkpoint.append_jsonl(run_dir / checkpoint.METRICS, {"phase": "train", **progress})
                 if interrupted:
                     break
                 if cfg.val_every and step % cfg.val_every == 0:

@@ -89,6 +89,19 @@ def test_early_stop_after_validations_without_improvement(tmp_path: Path) -> Non
     assert checkpoint.load_weights(tmp_path / "run" / checkpoint.LAST).train_state["finished"]
 
 
+def test_metrics_log_the_training_loss_every_50_steps(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_train_config(max_steps=100, val_every=100, synth_train=128), run)
+    records = checkpoint.read_jsonl(run / checkpoint.METRICS)
+    curve = [r for r in records if r.get("phase") == "train"]
+    assert [r["step"] for r in curve] == [50, 100]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in curve)
+    assert curve[0]["lr"] > curve[1]["lr"] >= 0  # the cosine ends at zero on the last step
+    assert curve[-1]["loss"] < curve[0]["loss"]  # it learns
+    validations = [r for r in records if "phase" not in r]  # every epoch (16 steps) and at the end
+    assert validations[-1]["step"] == 100 and all("CIDEr-D" in r for r in validations)
+
+
 def test_loss_ignores_padding() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, requires_grad=True)
@@ -204,7 +217,7 @@ def test_metrics_and_config_written(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = train(tiny_train_config(max_steps=6, val_every=3), run)
     records = checkpoint.read_jsonl(run / checkpoint.METRICS)
-    assert [r["step"] for r in records] == [3, 6]
+    assert [r["step"] for r in records] == [3, 6]  # validations only: the loss is logged every 50 steps
     for key in ("BLEU-4", "CIDEr-D", "accuracy", "distinct_share", "vocab_used", "mean_length"):
         assert key in records[-1]
     config = json.loads((run / "config.json").read_text())
