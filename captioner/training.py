@@ -69,7 +69,7 @@ class TimeBudget:
     have reached; a schedule that ends when the time does is the better use of the same minutes (Li et
     al. 2020, "Budgeted training"). The pace is measured on the steps themselves (validation time apart,
     and the latest window only, so the first epoch's rendering of the built-in world does not count
-    forever), and the plan only ever shortens the configured number of steps.
+    forever), and the plan never goes beyond the configured number of steps.
     """
 
     def __init__(self, limit_s: float, started: float, cap: int, steps_per_epoch: int,
