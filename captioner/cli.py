@@ -200,7 +200,8 @@ def train(
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training split.")] = None,
     time_limit: Annotated[float | None, typer.Option(min=0.1, help="Minutes; stop cleanly when reached "
-                                                     "(default 9.5 for the built-in world).")] = None,
+                                                     "(default 9.5 for the built-in world). Without "
+                                                     "--max-steps/--epochs the schedule is fitted to it.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
