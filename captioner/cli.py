@@ -271,13 +271,15 @@ def train(
         from captioner.scst import SCSTConfig, train_scst
 
         # SCST fine-tunes the run as it is: an option it has no use for is refused, never silently dropped.
-        unused = [k for k, v in cli.items() if v is not None and k not in SCSTConfig.__dataclass_fields__]
+        def flags(names: list[str]) -> str:
+            return ", ".join("--" + k.replace("_", "-") for k in names)
+
+        used = [k for k in cli if k in SCSTConfig.__dataclass_fields__] + ["scst_samples", "scst_baseline"]
+        unused = [k for k, v in cli.items() if v is not None and k not in used]
         unused += [k for k, v in model_cli.items() if v is not None] + (["set"] if set_ else [])
         if unused:
-            flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-            raise ConfigError(f"{flags}: not used by --scst, which fine-tunes {resume} as it is "
-                              "(its options: --epochs, --max-steps, --batch-size, --lr, --grad-clip, --seed, "
-                              "--device, --precision, --val-every, --scst-samples, --scst-baseline)")
+            raise ConfigError(f"{flags(unused)}: not used by --scst, which fine-tunes {resume} as it is "
+                              f"(its options: {flags(used)})")
         scst_options = {k: v for k, v in options.items() if k in SCSTConfig.__dataclass_fields__}
         scst_cli = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None)
         scst_options.update({k: v for k, v in scst_cli.items() if v is not None})

@@ -476,12 +476,12 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     def stopping() -> bool:
         return step >= total_steps or (cfg.early_stop is not None and stale >= cfg.early_stop)
 
-    def validate_and_save(*, epoch_end: bool = False) -> dict[str, Any]:
+    def validate_and_save() -> dict[str, Any]:
         """Validate, save (finished when this is the end), and re-fit the schedule to the time that is left."""
         nonlocal tick
         began = time.perf_counter()
         record = validate()  # updates `stale`, so whether this is the end is decided after it
-        finished = epoch_end and stopping()
+        finished = stopping()
         save(finished=finished)
         tick = time.perf_counter()
         if budget is not None and not finished and not out_of_time:
@@ -561,11 +561,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
             if end_of_epoch:
                 epoch += 1
             if end_of_epoch or stopping() or out_of_time:
-                if not cfg.val_every or step % cfg.val_every:
-                    last_record = validate_and_save(epoch_end=True)
+                if not cfg.val_every or step % cfg.val_every:  # else validated and saved in the loop at this step
+                    last_record = validate_and_save()
                 done = stopping()
-                if cfg.val_every and step % cfg.val_every == 0:  # validated in the loop just now: mark the state
-                    save(finished=done)
                 if out_of_time and not done:
                     emit("warning", {"message": (
                         f"time limit of {time_limit:g} min reached at step {step} of {total_steps}; "

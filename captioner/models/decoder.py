@@ -42,8 +42,8 @@ class DecoderState:
         rows = index.shape[0]
         assert rows % self.images == 0, f"{rows} rows cannot be split evenly over {self.images} images"
         old_per, new_per = self.batch_size // self.images, rows // self.images
-        same_image = torch.equal(index // old_per, torch.arange(rows, device=index.device) // new_per)
-        assert same_image, "reorder may only move rows among the rows of their own image"
+        assert torch.equal(index // old_per, torch.arange(rows, device=index.device) // new_per), \
+            "reorder may only move rows among the rows of their own image"
         for cache in self.self_caches:
             cache.reorder(index)
         self.batch_size = rows
