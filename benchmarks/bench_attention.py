@@ -4,6 +4,8 @@
   MultiHeadAttention, for cross-attention (T tokens over N regions) and causal self-attention: the
   attention core alone (inference), and the whole module with its projections (inference, and a
   training forward+backward);
+- the attention core in bfloat16, forward + backward (what training under CPU autocast runs), at the
+  tiny preset's shapes and at the matched size: the figures behind `fused_is_slower`;
 - the explicit path of each scoring function (general and additive have no fused form);
 - KV-cache growth while decoding one token at a time: preallocated capacity written in place vs
   concatenating a new tensor every step.
@@ -79,6 +81,34 @@ def core(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def core_train_bf16(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
+    """The two core paths in bfloat16 with autograd (forward + backward), where SDPA's CPU kernel is slow."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=D, n_heads=H).to(device)
+    shapes = {  # name: (B, H, Tq, Tk, Dh, causal)
+        "tiny self B=32 H=4 T=36 Dh=32": (32, 4, 36, 36, 32, False),
+        "tiny causal B=32 H=4 T=13 Dh=32": (32, 4, 13, 13, 32, True),
+        "tiny cross B=32 H=4 T=13 N=36 Dh=32": (32, 4, 13, 36, 32, False),
+        f"matched self B={B} H={H} T=144 Dh={D // H}": (B, H, 144, 144, D // H, False),
+        f"matched cross B={B} H={H} T={T} N=144 Dh={D // H}": (B, H, T, 144, D // H, False),
+    }
+    out = {}
+    for name, (b, h, tq, tk, dh, causal) in shapes.items():
+        def leaf(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+        q, k, v = leaf(b, h, tq, dh), leaf(b, h, tk, dh), leaf(b, h, tk, dh)
+        mask = causal_mask(tq, device) if causal else None
+
+        def run(path: Callable, q=q, k=k, v=v, mask=mask) -> None:
+            out = path(q, k, v, mask)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+
+        out[name] = compare({"fused": lambda run=run: run(mha._fused), "explicit": lambda run=run: run(mha._explicit)},
+                            repeat=repeat, device=device)
+    return out
+
+
 def module(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     """The whole MultiHeadAttention (projections included) on each path, inference and training."""
     torch.manual_seed(0)
@@ -148,6 +178,7 @@ def main() -> None:
     report = {
         "machine": {**machine(), "device": args.device},
         "core": core(args.device, repeat=args.repeat),
+        "core_train_bf16": core_train_bf16(args.device, repeat=max(5, args.repeat // 3)),
         "module": module(args.device, repeat=args.repeat),
         "explicit_by_score": scores(args.device, repeat=args.repeat),
         "kv_cache": caches(args.device, repeat=max(5, args.repeat // 3)),

@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
         checkpoint.check_state_dict(run_dir / checkpoint.LAST, model, weights.model)
         model.load_state_dict(weights.model)
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
-                                  eps=1e-9)
+                                  eps=1e-9, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i + 1, warmup=cfg.warmup_steps, schedule=cfg.schedule, total=total_steps)
     )

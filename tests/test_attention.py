@@ -205,6 +205,41 @@ def test_mha_matches_reference_and_fused_equals_explicit(name: str, mask_kind: s
     assert not fast.isnan().any()
 
 
+def test_bf16_training_on_cpu_takes_the_explicit_path_with_the_same_gradients(monkeypatch) -> None:
+    """SDPA's CPU bf16 backward is the slow one (fused_is_slower): training there goes explicit, same result."""
+    torch.manual_seed(0)
+    B, T, D = 4, 6, 32
+    mha = MultiHeadAttention(d_model=D, n_heads=4)  # default init: softmaxes of moderate sharpness, as in training
+    query = torch.randn(B, T, D)
+    mask = causal_mask(T)
+
+    def out_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        x = query.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = mha(x, x, x, mask=mask)
+        out.float().square().sum().backward()
+        return out.float(), x.grad
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inference, _ = mha(query, query, query, mask=mask)  # no autograd: the fused kernel keeps it
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    explicit_out, explicit_grad = out_and_grad()
+    assert calls == []  # bf16 + autograd on CPU never reached SDPA
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mha(query, query, query, mask=mask)
+    assert calls == [1]  # without autograd it does
+    # Same results up to bf16 rounding (~3 significant digits): compared as relative norms, against the
+    # bf16 fused forward and against float32 autograd through the fused path.
+    x = query.clone().requires_grad_()
+    out, _ = mha(x, x, x, mask=mask)
+    out.square().sum().backward()
+    for ours, reference in ((explicit_out, inference.float()), (explicit_out, out), (explicit_grad, x.grad)):
+        assert (ours - reference).norm() / reference.norm() < 2e-2
+
+
 def _copy_into_torch_mha(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
     with torch.no_grad():
         D = ours.to_q.weight.shape[0]

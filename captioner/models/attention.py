@@ -22,6 +22,17 @@ from captioner.config import SCORES
 FUSED_SCORES = ("dot", "scaled_dot")
 
 
+def fused_is_slower(q: torch.Tensor) -> bool:
+    """Whether the explicit path beats F.scaled_dot_product_attention for these queries.
+
+    On CPU, SDPA's bfloat16 backward (its flash kernel) is 3-6x slower than the explicit path's matmuls at
+    caption sizes: forward + backward of a 32 x 4-head batch, 36-token self-attention 11.7 vs 2.4 ms,
+    13 x 36 cross-attention 6.1 vs 1.0 ms (`python benchmarks/bench_attention.py`, "core train bf16").
+    In float32, on CUDA, and without autograd the fused kernel is as fast or faster, so it keeps those.
+    """
+    return q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Scoring functions: (..., Tq, Dq) queries and (..., Tk, Dk) keys -> (..., Tq, Tk) logits
 
@@ -224,8 +235,9 @@ class MultiHeadAttention(nn.Module):
 
     Self- and cross-attention are this one module: keys and values may come from another sequence of
     another length and width `d_kv` (the image memory). Two paths give one result: fused
-    F.scaled_dot_product_attention when weights are not needed and the score is dot or scaled_dot;
-    otherwise explicit scores -> masked softmax -> weighted sum, which can return per-head weights.
+    F.scaled_dot_product_attention when weights are not needed, the score is dot or scaled_dot and the
+    fused kernel is not the slower one (`fused_is_slower`); otherwise explicit scores -> masked softmax ->
+    weighted sum, which can return per-head weights.
     """
 
     def __init__(self, *, d_model: int, n_heads: int, dropout: float = 0.0, score: str = "scaled_dot",
@@ -291,7 +303,7 @@ class MultiHeadAttention(nn.Module):
             q = q.view(Bk, R, self.n_heads, Tq, self.d_head).transpose(1, 2).reshape(Bk, self.n_heads, R * Tq, -1)
 
         weights = None
-        if need_weights or self.score.name not in FUSED_SCORES:
+        if need_weights or self.score.name not in FUSED_SCORES or fused_is_slower(q):
             out, weights = self._explicit(q, k, v, mask)
         else:
             out = self._fused(q, k, v, mask)
