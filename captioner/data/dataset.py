@@ -161,8 +161,13 @@ class CaptionDataset(torch.utils.data.Dataset):
         words = self.tokens[i][j]
         inputs = torch.tensor([self.vocab.bos_id, *words], dtype=torch.long)  # (T,)
         targets = torch.tensor([*words, self.vocab.eos_id], dtype=torch.long)  # (T,)
-        pixels = self._cached_render(i) if isinstance(self.transform, Preprocess) else None
-        image = self.transform(pixels if pixels is not None else self.image(i))  # (3, S, S)
+        pixels = self._cached_render(i)
+        if pixels is None:
+            image = self.transform(sample_image(self.samples[i]))  # (3, S, S)
+        elif isinstance(self.transform, Preprocess):
+            image = self.transform(pixels)  # a cached render goes straight to the tensor, no Pillow round trip
+        else:
+            image = self.transform(Image.fromarray(pixels))
         return Item(image, inputs, targets, self.samples[i].image_id, self.vocab.pad_id)
 
 

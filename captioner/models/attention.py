@@ -308,9 +308,11 @@ class MultiHeadAttention(nn.Module):
         else:
             out = self._fused(q, k, v, mask)
         if R > 1:  # back to one row per query: (Bk, H, R*Tq, .) -> (B, H, Tq, .)
-            out = out.view(Bk, self.n_heads, R, Tq, -1).transpose(1, 2).reshape(B, self.n_heads, Tq, -1)
-            if weights is not None:
-                weights = weights.view(Bk, self.n_heads, R, Tq, -1).transpose(1, 2).reshape(B, self.n_heads, Tq, -1)
+            def ungroup(t: torch.Tensor) -> torch.Tensor:
+                return t.view(Bk, self.n_heads, R, Tq, -1).transpose(1, 2).reshape(B, self.n_heads, Tq, -1)
+
+            out = ungroup(out)
+            weights = None if weights is None else ungroup(weights)
         out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H*Dh): heads concatenated
         return self.to_out(out), (weights if need_weights else None)
 
