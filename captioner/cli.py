@@ -360,6 +360,8 @@ class _TrainView:
             self.bar.refresh()
         elif kind == "validate":
             parts = [f"{k} {data[k]:.3f}" for k in ("BLEU-4", "CIDEr-D", "accuracy") if k in data]
+            if "claims_relation" in data:
+                parts += [f"relations true {data['claims_relation']:.0%}"]
             parts += [f"distinct {data.get('distinct_share', 0):.0%}"]
             self._write(f"step {data['step']}: " + ", ".join(parts))
         elif kind == "plan":

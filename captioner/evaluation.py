@@ -36,6 +36,7 @@ class EvalReport:
     diversity: dict[str, Any] = field(default_factory=dict)
     accuracy: float | None = None  # share of captions the synthetic world's checker calls accurate
     accuracy_by_objects: dict[str, float] = field(default_factory=dict)  # the same per object count
+    claims: dict[str, float] = field(default_factory=dict)  # share of the claims of each kind that hold
     grounding: dict[str, float] | None = None  # pointing game: hit rate beside the chance rate
 
     def summary(self) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class EvalReport:
         if self.accuracy is not None:
             out["accuracy"] = round(self.accuracy, 4)
             out.update({f"accuracy_{k}": round(v, 4) for k, v in self.accuracy_by_objects.items()})
+            out.update({f"claims_{k}": round(v, 4) for k, v in self.claims.items()})
         if self.grounding is not None:
             out.update({f"grounding_{k}": round(v, 4) for k, v in self.grounding.items()})
         for key in ("distinct_share", "vocab_used", "mean_length", "collapsed"):
@@ -93,6 +95,7 @@ def evaluate_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Voca
         accuracy = synthetic_accuracy(samples, predictions)
         report.accuracy = accuracy.pop("all")
         report.accuracy_by_objects = accuracy
+        report.claims = synthetic_claims(samples, predictions)
         if need_weights:
             report.grounding = synthetic_grounding(samples, captions)
     return report
@@ -123,6 +126,33 @@ def synthetic_accuracy(samples: Sequence[Sample], predictions: dict[str, str]) -
         by_count["all"].append(ok)
         by_count.setdefault(f"objects_{len(s.scene.objects)}", []).append(ok)
     return {k: sum(v) / max(len(v), 1) for k, v in sorted(by_count.items())}
+
+
+def synthetic_claims(samples: Sequence[Sample], predictions: dict[str, str]) -> dict[str, float]:
+    """Share of the captions' claims of each kind that hold: "object", "relation", "count", and "relation_used".
+
+    Accuracy needs every claim of a caption right; this says which kind fails. "relation_used" is the
+    share of captions of several-object scenes that state a relation at all: the world's references also
+    allow relation-free lists ("a red circle and a blue square"), so accuracy depends both on how often a
+    model chooses to state relations and on how often the ones it states are true.
+    """
+    from captioner.data.synthetic import check_caption
+
+    held: dict[str, list[bool]] = {}
+    used: list[bool] = []
+    for s in samples:
+        if s.scene is None:
+            continue
+        claims = check_caption(s.scene, predictions[s.image_id]).claims
+        for claim in claims:
+            if claim.kind in ("object", "relation", "count"):
+                held.setdefault(claim.kind, []).append(claim.ok)
+        if len(s.scene.objects) > 1:
+            used.append(any(c.kind == "relation" for c in claims))
+    out = {k: sum(v) / len(v) for k, v in sorted(held.items())}
+    if used:
+        out["relation_used"] = sum(used) / len(used)
+    return out
 
 
 def synthetic_grounding(samples: Sequence[Sample], captions: Sequence[Caption]) -> dict[str, float]:

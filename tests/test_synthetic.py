@@ -245,3 +245,24 @@ def test_write_synthetic_files(tmp_path: Path) -> None:
         assert [a["caption"] for a in data["annotations"] if a["image_id"] == im["id"]] == scene.captions
         assert [b["bbox"] for b in data["boxes"][im["id"]]] == \
             [[o.box[0], o.box[1], o.box[2] - o.box[0], o.box[3] - o.box[1]] for o in scene.objects]
+
+
+def test_claim_shares_say_which_kind_of_claim_fails() -> None:
+    """evaluate reports, beside accuracy, the share of object / relation claims that hold and how often
+    captions of several-object scenes state a relation at all."""
+    from types import SimpleNamespace
+
+    from captioner.evaluation import synthetic_accuracy, synthetic_claims
+
+    one, two, other = scene_with(1), scene_with(2), scene_with(2, start=50)
+    assert other.image_id != two.image_id
+    samples = [SimpleNamespace(image_id=s.image_id, scene=s) for s in (one, two, other)]
+    rel = next(r for r in INVERSE if f" {r} " in two.captions[0])
+    flipped = two.captions[0].replace(f" {rel} ", f" {INVERSE[rel]} ")
+    predictions = {one.image_id: one.captions[0], two.image_id: flipped, other.image_id: other.captions[0]}
+    assert synthetic_accuracy(samples, predictions)["all"] == pytest.approx(2 / 3)
+    shares = synthetic_claims(samples, predictions)
+    assert shares == {"object": 1.0, "relation": 0.5, "relation_used": 1.0}  # 5 objects named right, 1 of 2 relations
+    a, b = two.objects
+    predictions[two.image_id] = f"a {a.name} and a {b.name}"  # a relation-free list: true, but states no relation
+    assert synthetic_claims(samples, predictions) == {"object": 1.0, "relation": 1.0, "relation_used": 0.5}
