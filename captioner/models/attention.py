@@ -25,9 +25,9 @@ FUSED_SCORES = ("dot", "scaled_dot")
 def fused_is_slower(q: torch.Tensor) -> bool:
     """Whether the explicit path beats F.scaled_dot_product_attention for these queries.
 
-    On CPU, SDPA's bfloat16 backward (its flash kernel) is 3-6x slower than the explicit path's matmuls at
-    caption sizes: forward + backward of a 32 x 4-head batch, 36-token self-attention 11.7 vs 2.4 ms,
-    13 x 36 cross-attention 6.1 vs 1.0 ms (`python benchmarks/bench_attention.py`, "core train bf16").
+    On CPU, SDPA's bfloat16 backward (its flash kernel) is 2-6x slower than the explicit path's matmuls at
+    caption sizes: forward + backward of a 32 x 4-head batch, 36-token self-attention 8.7 vs 1.4 ms,
+    13 x 36 cross-attention 4.3 vs 0.9 ms (`python benchmarks/bench_attention.py`, "core_train_bf16").
     In float32, on CUDA, and without autograd the fused kernel is as fast or faster, so it keeps those.
     """
     return q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
