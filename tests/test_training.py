@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from captioner import checkpoint
+from captioner.config import DEFAULT_STEPS
 from captioner.errors import CheckpointError
 from captioner.training import (
     EpochSampler,
@@ -64,14 +65,14 @@ def test_time_budget_fits_the_schedule_to_the_time_left() -> None:
 
 
 def test_default_run_with_a_time_limit_ends_annealed_within_it(tmp_path: Path) -> None:
-    # Default step count (4600 for the ViT): far more than fits in 6 s, so the schedule is fitted to the clock
+    # Default step count (DEFAULT_STEPS["vit"]): far more than fits in 6 s, so the schedule is fitted to the clock
     # and the run ends finished with the learning rate at the bottom of its cosine, not cut off at its peak.
     events: list[tuple[str, dict]] = []
     cfg = tiny_train_config(epochs=None, time_limit=6 / 60, synth_train=256, warmup_steps=5)
     result = train(cfg, tmp_path / "run", on_event=lambda kind, data: events.append((kind, data)))
     plans = [data for kind, data in events if kind == "plan"]
-    assert plans and plans[0]["first"] and plans[0]["configured"] == 4600
-    assert 32 < result.steps == plans[-1]["steps"] < 4600  # past the first epoch (32 steps), short of the default
+    assert plans and plans[0]["first"] and plans[0]["configured"] == DEFAULT_STEPS["vit"]
+    assert 32 < result.steps == plans[-1]["steps"] < DEFAULT_STEPS["vit"]  # past the first epoch, short of the default
     state = checkpoint.load_weights(tmp_path / "run" / checkpoint.LAST).train_state
     assert state["finished"] and state["total_steps"] == result.steps  # a resume keeps the fitted length
     steps = [data for kind, data in events if kind == "step"]
