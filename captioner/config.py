@@ -133,9 +133,7 @@ class TrainConfig:
     epochs: int | None = None  # None: DEFAULT_STEPS on the built-in world, 10 epochs on a dataset
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs when set)
     time_limit: float | None = None  # minutes; stop cleanly (validate, save) when reached. None: 9.5 on the world
-    # 64, not 32: on the built-in world the larger batch learnt the relations faster per CPU-minute (default
-    # runs, 2026-11-23: ViT 92.4 % vs 88.6 % / 78.8 %, CNN 88.2 % vs 81.4 % / 77.2 %); batch 16 was worse.
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01  # AdamW decay on weight matrices only; norms and biases are exempt
     warmup_steps: int = 200
@@ -184,4 +182,4 @@ class TrainConfig:
 # Steps of a default run on the built-in world, sized so it ends within ~9 minutes on an idle 2-core CPU.
 # On a slower or busier machine the time limit above fits the schedule to the minutes there are
 # (training.TimeBudget), so the run still ends annealed rather than cut off mid-schedule.
-DEFAULT_STEPS = {"vit": 2300, "cnn": 2750}  # at batch 64: the images of the earlier 4600 / 5500 steps at batch 32
+DEFAULT_STEPS = {"vit": 4600, "cnn": 5500}
