@@ -140,11 +140,6 @@ class CaptionDataset(torch.utils.data.Dataset):
         n = len(self.tokens[index])
         return index, _mix(self.seed, self.epoch, index) % n
 
-    def image(self, i: int) -> Image.Image:
-        """The RGB image of sample i."""
-        pixels = self._cached_render(i)
-        return Image.fromarray(pixels) if pixels is not None else sample_image(self.samples[i])
-
     def _cached_render(self, i: int) -> np.ndarray | None:
         """Sample i's rendered scene as uint8 (S, S, 3), rendered once (rendering costs CPU); None for files."""
         s = self.samples[i]
