@@ -2,7 +2,8 @@
 
 Prints one JSON object: decoding captions/s (greedy batch 1 and 32, beam 3 batch 32; ours cached and
 naive), training images/s at batch 32, and the ratios. Both models have random weights and generate
-exactly 20 tokens (no early <eos>), so the work is equal.
+exactly 20 tokens (no early <eos>), so the work is equal. `ceilings` bounds what any decoding loop could
+reach: our encoder plus 20 steps of nothing but the decoder's matrix products, against the peer's generate.
 
 Precision is reported three ways, so no ratio hides a precision change:
   default  each library as a user gets it: ours at `--precision auto` (on a CPU with AVX512-BF16/AMX:
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MATCHED, TOKENS, machine, setup_threads, time_it  # noqa: E402
@@ -104,6 +107,51 @@ def decode_rates(model: CaptionModel, hf, bf16: bool) -> dict[str, float]:
     return out
 
 
+def decoder_products(model: CaptionModel, rows: int) -> Callable[[], None]:
+    """One decoding step's matrix products alone (22 at the matched size), with the model's own weights.
+
+    No attention, norm, head split, cache write or Python: the least work a step of this decoder can do.
+    """
+    layers = model.decoder.layers
+    mats = [m for layer in layers for m in (layer.self_attn.to_q, layer.self_attn.to_kv, layer.self_attn.to_out,
+                                            layer.cross_attn.to_q, layer.cross_attn.to_out,
+                                            layer.ff.to_hidden, layer.ff.to_out)] + [model.decoder.head]
+    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in mats}
+
+    def step() -> None:
+        for m in mats:
+            F.linear(inputs[m.in_features], m.weight, m.bias)
+    return step
+
+
+def ceilings(model: CaptionModel, hf, bf16: bool) -> dict[str, float]:
+    """How fast our greedy decoding could be at best, against the peer's measured generate, side by side.
+
+    Best case = our encoder at the default precision + TOKENS steps that do nothing but the decoder's
+    matrix products. A ratio target above `ceiling_*` cannot be met by any decoding loop around this
+    model on this machine; `hf_encoder_share_*` is the part of the peer's time spent in its encoder.
+    """
+    out: dict[str, float] = {}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for batch in (1, 32):
+        images = torch.randn(batch, 3, MATCHED["image_size"], MATCHED["image_size"])
+        with torch.inference_mode():
+            hf_total = time_it(lambda x=images: hf.generate(pixel_values=x, max_new_tokens=TOKENS,
+                                                            min_new_tokens=TOKENS, do_sample=False),
+                               repeat=3, min_seconds=2)
+            hf_encoder = time_it(lambda x=images: hf.encoder(pixel_values=x), repeat=5, min_seconds=1)
+            model.encoder.to(dtype)
+            encode = time_it(lambda x=images: model.encode(x), repeat=5, min_seconds=1)
+            model.encoder.to(torch.float32)
+            products = time_it(decoder_products(model, batch), repeat=20, min_seconds=1)
+        floor = encode + TOKENS * products
+        out[f"hf_encoder_share_b{batch}"] = hf_encoder / hf_total
+        out[f"ours_floor_b{batch}_ms"] = floor * 1e3
+        out[f"ours_floor_b{batch}_products_per_step_ms"] = products * 1e3
+        out[f"ceiling_vs_hf_b{batch}_greedy_default"] = hf_total / floor
+    return out
+
+
 def train_rate(step_fn, batch: int = 32) -> float:
     return batch / time_it(step_fn, repeat=5, warmup=2, min_seconds=3)
 
@@ -159,6 +207,8 @@ def main() -> None:
         result["transformers"] = transformers.__version__
         result["params_hf"] = sum(p.numel() for p in hf.parameters())
     decode = decode_rates(model, hf, bf16)
+    if hf is not None:
+        result["ceilings"] = {k: round(v, 3) for k, v in ceilings(model, hf, bf16).items()}
     train = train_rates(hf, bf16)
     result["decode_captions_per_s"] = {k: round(v, 2) for k, v in decode.items() if not k.endswith("_s")}
     result["train_images_per_s"] = {k: round(v, 2) for k, v in train.items()}
