@@ -84,6 +84,11 @@ class Baseline(str, Enum):
     greedy = "greedy"
 
 
+class Which(str, Enum):
+    best = "best"
+    last = "last"
+
+
 class Split(str, Enum):
     train = "train"
     val = "val"
@@ -203,7 +208,9 @@ def train(
                                                      "(default 9.5 for the built-in world). Without "
                                                      "--max-steps/--epochs the schedule is fitted to it.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Images per step.")] = None,
+    captions_per_image: Annotated[int | None, typer.Option(
+        min=1, max=64, help="Captions of each image trained on per step (encoded once; default 5).")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
     warmup_steps: Annotated[int | None, typer.Option(min=0, help="Linear warm-up steps.")] = None,
     schedule: Annotated[Schedule | None, typer.Option(help="Decay after warm-up.")] = None,
@@ -250,8 +257,8 @@ def train(
         options.update(_load_config_file(config))
     model_overrides = dict(options.pop("model", {}) or {})
     cli = dict(encoder=encoder, preset=preset, data=data, images=images, format=format, epochs=epochs,
-               time_limit=time_limit,
-               max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
+               time_limit=time_limit, max_steps=max_steps, batch_size=batch_size,
+               captions_per_image=captions_per_image, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
                scheduled_sampling=scheduled_sampling, workers=workers)
@@ -408,6 +415,8 @@ def _print_result(result: Any) -> None:
 
 
 Model = Annotated[Path | None, typer.Option("--model", help="Run directory (default: newest under ./runs).")]
+Checkpoint = Annotated[Which, typer.Option(
+    "--checkpoint", help="best (kept by validation) or last (the latest weights) of the run.")]
 Beam = Annotated[int, typer.Option(min=1, max=64, help="Beam size (1 = greedy).")]
 MaxLen = Annotated[int, typer.Option(min=1, max=500, help="Longest caption in tokens.")]
 InferPrecision = Annotated[Precision, typer.Option(
@@ -419,6 +428,7 @@ InferPrecision = Annotated[Precision, typer.Option(
 def caption(
     images: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
     model: Model = None,
+    checkpoint_: Checkpoint = Which.best,
     beam: Beam = 1,
     max_len: MaxLen = 30,
     length_penalty: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.0,
@@ -444,7 +454,7 @@ def caption(
         _err(str(problem))
     if not paths:
         raise typer.Exit(1)
-    captioner = Captioner.load(model, device=device.value, precision=precision.value)
+    captioner = Captioner.load(model, which=checkpoint_.value, device=device.value, precision=precision.value)
     results, failures = captioner.caption_files(paths, settings, batch_size=batch_size)
     for failure in failures:
         _err(str(failure))
@@ -475,6 +485,7 @@ def caption(
 def attend(
     images: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
     model: Model = None,
+    checkpoint_: Checkpoint = Which.best,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: beside each image).")] = None,
     layer: Annotated[str, typer.Option(help="Decoder layer: last, all (mean), or an index.")] = "last",
     heads: Annotated[str, typer.Option(help="mean (one map per word) or all (a panel per head).")] = "mean",
@@ -498,7 +509,7 @@ def attend(
         _err(str(problem))
     if not paths:
         raise typer.Exit(1)
-    captioner = Captioner.load(model, device=device.value, precision=precision.value)
+    captioner = Captioner.load(model, which=checkpoint_.value, device=device.value, precision=precision.value)
     written, failures = explain_files(captioner, paths, settings, out=out, layer=layer_choice, heads=heads,
                                       rollout=rollout)
     for failure in failures:
@@ -521,6 +532,7 @@ def attend(
 @user_errors
 def evaluate(
     model: Model = None,
+    checkpoint_: Checkpoint = Which.best,
     data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
     images: Annotated[str | None, typer.Option(help="Image folder for the dataset's relative paths.")] = None,
     format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
@@ -544,7 +556,8 @@ def evaluate(
     settings = DecodeSettings(beam=beam, max_len=max_len)
     result = run_evaluate(model=model, data=data, images=images, format=format.value, split=split.value,
                           predictions=predictions, settings=settings, limit=limit, batch_size=batch_size,
-                          java=java, out=out, device=device.value, precision=precision.value)
+                          java=java, out=out, device=device.value, precision=precision.value,
+                          which=checkpoint_.value)
     summary = result.report.summary()
     if json_out:
         typer.echo(json.dumps({**summary, "tokenizer": result.report.tokenizer, "notes": result.report.notes,

@@ -133,7 +133,10 @@ class TrainConfig:
     epochs: int | None = None  # None: DEFAULT_STEPS on the built-in world, 10 epochs on a dataset
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs when set)
     time_limit: float | None = None  # minutes; stop cleanly (validate, save) when reached. None: 9.5 on the world
-    batch_size: int = 32
+    batch_size: int = 32  # images per step
+    # Captions of each image per step, all decoded against one encoding of it (capped at the most any
+    # training image has). The encoder dominates a step, so 5 references cost ~1.3x one.
+    captions_per_image: int = 5
     lr: float = 2e-3
     weight_decay: float = 0.01  # AdamW decay on weight matrices only; norms and biases are exempt
     warmup_steps: int = 200

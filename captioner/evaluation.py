@@ -226,7 +226,8 @@ def run_samples(train_options: dict[str, Any], *, data: str | None = None, image
 
 def run_evaluate(*, model: Path | None, data: str | None, images: str | None, format: str, split: str,
                  predictions: Path | None, settings: DecodeSettings, limit: int | None, batch_size: int,
-                 java: bool | None, out: Path | None, device: str, precision: str = "auto") -> EvaluateResult:
+                 java: bool | None, out: Path | None, device: str, precision: str = "auto",
+                 which: str = "best") -> EvaluateResult:
     """Evaluate a run on a split (default: the data it was trained on), or score a predictions file."""
     from captioner.data.sources import load_samples
 
@@ -248,7 +249,7 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
 
     from captioner.api import Captioner
 
-    captioner = Captioner.load(model, device=device, precision=precision)
+    captioner = Captioner.load(model, which=which, device=device, precision=precision)
     run_config = captioner.run.config
     train_options = run_config.get("train", {})
     samples = [s for s in run_samples(train_options, data=data, images=images, format=format) if s.split == split]
@@ -266,5 +267,6 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
     source = data or "synthetic world"
     search = "greedy" if settings.beam == 1 else f"beam {settings.beam}"
     encoder = str(captioner.dtype).replace("torch.", "")
-    title = f"{captioner.run.run_dir} on {source} ({split}, {len(samples)} images, {search}, encoder {encoder})"
+    title = (f"{captioner.run.run_dir} ({which}) on {source} ({split}, {len(samples)} images, {search}, "
+             f"encoder {encoder})")
     return EvaluateResult(report, title, results_file)

@@ -96,6 +96,20 @@ class TimeBudget:
         return max(step + 1, min(self.cap, step + int(left / per_step)))
 
 
+SELECTED_BY = {False: "CIDEr-D", True: "caption accuracy"}  # what `best` is kept by, on data without/with truth
+
+
+def selection_score(record: dict[str, Any], knows_truth: bool) -> tuple[float, ...]:
+    """How a validation record ranks for `best`: CIDEr-D; on scenes that know their truth, accuracy first.
+
+    On the built-in world the checker's accuracy is the truth and CIDEr-D only a proxy for it that can
+    disagree by a lot (one run: CIDEr-D 6.928 at 86 % validation accuracy against 6.925 at 92 %), so
+    accuracy ranks and CIDEr-D breaks ties. On a dataset CIDEr-D ranks, as is usual for captioning.
+    """
+    cider = float(record.get("CIDEr-D", 0.0))
+    return (float(record.get("accuracy", 0.0)), cider) if knows_truth else (cider,)
+
+
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
                  label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over real target tokens; padding positions never count.
@@ -344,8 +358,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     synthetic = cfg.data is None
     knows_truth = bool(val_samples) and all(s.scene is not None for s in val_samples)  # world scenes: accuracy
     transform = preprocess if synthetic else train_transform(preprocess)  # the world needs no augmenting
+    most_captions = max(len(s.captions) for s in by_split["train"])
     train_set = CaptionDataset(by_split["train"], vocab, transform, max_len=cfg.max_len, mode="random",
-                               seed=cfg.seed)
+                               seed=cfg.seed, captions_per_image=min(cfg.captions_per_image, most_captions))
     if train_set.truncated:
         emit("warning", {"message": f"{train_set.truncated} training captions are longer than {cfg.max_len} "
                                     f"words: the model learns their first {cfg.max_len} only"})
@@ -383,12 +398,13 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i + 1, warmup=cfg.warmup_steps, schedule=cfg.schedule, total=total_steps)
     )
-    step, epoch, best_score, stale = 0, 0, float("-inf"), 0
+    step, epoch, stale = 0, 0, 0
+    best_score: tuple[float, ...] = (float("-inf"),)
     best_record: dict[str, Any] = {}
     if state is not None:
         optimizer.load_state_dict(weights.optimizer)
         step, epoch = state["step"], state["epoch"]
-        best_score, stale = state.get("best_score", float("-inf")), state.get("stale", 0)
+        best_score, stale = tuple(state.get("best_score", best_score)), state.get("stale", 0)
         best_record = state.get("best_record", {})
         # The loaded param groups already carry the current lr; the schedule only needs its position.
         scheduler.last_epoch = step
@@ -431,7 +447,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                     f"captions collapsed at step {step}: {report.diversity['distinct_share']:.0%} distinct, "
                     f"most common {report.diversity['most_common_share']:.0%} "
                     f"({report.diversity['most_common']!r})")})
-            score = record.get("CIDEr-D", 0.0)
+            score = selection_score(record, knows_truth)
             if score > best_score:
                 best_score, stale, best_record = score, 0, record
                 checkpoint.save_weights(run_dir / checkpoint.BEST, model, meta=record)
@@ -570,7 +586,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                         f"continue with: captioner train --resume {run_dir} --time-limit MINUTES")})
                     break
                 if cfg.early_stop is not None and stale >= cfg.early_stop:
-                    emit("warning", {"message": f"early stop: no CIDEr-D improvement in {stale} validations"})
+                    emit("warning", {"message": f"early stop: no {SELECTED_BY[knows_truth]} improvement in "
+                                                f"{stale} validations"})
         if step >= total_steps and not last_record and dist_info.main:
             save(finished=True)
     finally:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -85,6 +86,29 @@ def test_caption_files_directory_and_bad_file(trained_run: Path, samples: Path, 
     whole = run("caption", samples / "images", "--model", trained_run, "--beam", "3")
     assert whole.exit_code == 0, whole.output
     assert images[-1].name in whole.stdout
+
+
+def test_checkpoint_option_picks_best_or_last(trained_run: Path, samples: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from captioner import checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    last = checkpoint.load_run(run_dir, which="last")
+    with torch.no_grad():
+        last.model.decoder.embed.weight.zero_()  # tied output layer: every logit 0, a caption unlike best's
+    checkpoint.save_weights(run_dir / checkpoint.LAST, last.model)
+    image = sorted((samples / "images").iterdir())[0]
+    captions = {}
+    for which in ("best", "last"):
+        result = run("caption", image, "--model", run_dir, "--checkpoint", which, "--json")
+        assert result.exit_code == 0, result.output
+        captions[which] = json.loads(result.stdout)["caption"]
+    assert captions["best"] == json.loads(run("caption", image, "--model", run_dir, "--json").stdout)["caption"]
+    assert captions["best"] != captions["last"]
+    evaluated = run("evaluate", "--model", run_dir, "--checkpoint", "last", "--limit", "2", "--no-java")
+    assert evaluated.exit_code == 0 and "(last)" in evaluated.stdout, evaluated.output
 
 
 def test_caption_missing_model_is_one_line(samples: Path, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_collate_shapes_shift_and_padding(samples: list[Sample], vocab: Vocabula
     assert int(batch.lengths.max()) == T
     for b in range(B):
         L = int(batch.lengths[b])
-        i, j = ds.caption_index(b)
+        i, (j,) = ds.caption_indices(b)
         words = vocab.encode(samples[i].captions[j])
         assert len(words) + 1 == L
         assert batch.inputs[b, 0] == vocab.bos_id
@@ -57,15 +57,16 @@ def test_truncation(samples: list[Sample], vocab: Vocabulary) -> None:
     ds = CaptionDataset(samples, vocab, PRE, max_len=3, mode="all")
     for k in range(len(ds)):
         item = ds[k]
-        assert len(item.inputs) <= 4 and item.targets[-1] == vocab.eos_id
-        i, j = ds.caption_index(k)
-        assert item.inputs[1:].tolist() == vocab.encode(samples[i].captions[j])[:3]
+        (inputs,), (targets,) = item.inputs, item.targets
+        assert len(inputs) <= 4 and targets[-1] == vocab.eos_id
+        i, (j,) = ds.caption_indices(k)
+        assert inputs[1:].tolist() == vocab.encode(samples[i].captions[j])[:3]
 
 
 def test_modes_and_epochs(samples: list[Sample], vocab: Vocabulary) -> None:
     all_pairs = CaptionDataset(samples, vocab, PRE, max_len=30, mode="all")
     assert len(all_pairs) == sum(len(s.captions) for s in samples)
-    assert {all_pairs.caption_index(k) for k in range(len(all_pairs))} == \
+    assert {(i, j) for i, (j,) in map(all_pairs.caption_indices, range(len(all_pairs)))} == \
         {(i, j) for i, s in enumerate(samples) for j in range(len(s.captions))}
 
     ds = CaptionDataset(samples, vocab, PRE, max_len=30, seed=7)
@@ -73,16 +74,39 @@ def test_modes_and_epochs(samples: list[Sample], vocab: Vocabulary) -> None:
     draws = []
     for epoch in range(6):
         ds.set_epoch(epoch)
-        draws.append([ds.caption_index(i)[1] for i in range(len(ds))])
+        draws.append([ds.caption_indices(i)[1][0] for i in range(len(ds))])
     again = CaptionDataset(samples, vocab, PRE, max_len=30, seed=7)
     again.set_epoch(3)
-    assert [again.caption_index(i)[1] for i in range(len(ds))] == draws[3]  # deterministic in (seed, epoch)
+    assert [again.caption_indices(i)[1][0] for i in range(len(ds))] == draws[3]  # deterministic in (seed, epoch)
     assert draws[0] != draws[1]  # a new caption per epoch
     assert len({d for row in draws for d in row}) == 5  # every reference gets used
     other = CaptionDataset(samples, vocab, PRE, max_len=30, seed=8)
-    assert [other.caption_index(i)[1] for i in range(len(ds))] != draws[0]
+    assert [other.caption_indices(i)[1][0] for i in range(len(ds))] != draws[0]
     with pytest.raises(DataError):
         CaptionDataset(samples, vocab, PRE, max_len=30, mode="some")
+
+
+def test_several_captions_per_image_are_image_major_and_distinct(samples: list[Sample], vocab: Vocabulary) -> None:
+    ds = CaptionDataset(samples, vocab, PRE, max_len=30, seed=7, captions_per_image=3)
+    batch = collate([ds[i] for i in range(4)])
+    assert batch.images.shape[0] == 4 and batch.inputs.shape[0] == 12 and batch.captions_per_image == 3
+    for b in range(4):
+        i, chosen = ds.caption_indices(b)
+        assert len(set(chosen)) == 3  # distinct references while the image has enough
+        for k, j in enumerate(chosen):  # rows b*3 .. b*3+2 are image b's captions, in draw order
+            row, L = batch.inputs[b * 3 + k], int(batch.lengths[b * 3 + k])
+            assert row[1:L].tolist() == vocab.encode(samples[i].captions[j])
+    first = [ds.caption_indices(i)[1] for i in range(len(ds))]
+    ds.set_epoch(1)
+    assert [ds.caption_indices(i)[1] for i in range(len(ds))] != first  # drawn afresh each epoch
+    # More captions asked than an image has: every one of them, then repeats.
+    many = CaptionDataset(samples, vocab, PRE, max_len=30, captions_per_image=7)
+    _, chosen = many.caption_indices(0)
+    assert len(chosen) == 7 and set(chosen) == set(range(len(samples[0].captions)))
+    with pytest.raises(DataError):
+        CaptionDataset(samples, vocab, PRE, captions_per_image=0)
+    with pytest.raises(DataError):
+        CaptionDataset(samples, vocab, PRE, mode="all", captions_per_image=2)
 
 
 def test_render_cache_and_file_samples(samples: list[Sample], vocab: Vocabulary, tmp_path: Path) -> None:
@@ -94,8 +118,8 @@ def test_render_cache_and_file_samples(samples: list[Sample], vocab: Vocabulary,
     files = CaptionDataset([Sample("f", ["a red photograph"], "train", path=tmp_path / "f.png")], vocab, PRE,
                            max_len=30)
     item = files[0]
-    assert item.image.shape == (3, 32, 32) and item.inputs[1:].tolist() == vocab.encode("a red photograph")
-    assert vocab.unk_id in item.inputs.tolist()
+    assert item.image.shape == (3, 32, 32) and item.inputs[0][1:].tolist() == vocab.encode("a red photograph")
+    assert vocab.unk_id in item.inputs[0].tolist()
 
 
 def test_make_loader_seeded_and_persistent_workers_follow_set_epoch(samples: list[Sample],

@@ -278,6 +278,27 @@ def test_rows_sharing_an_images_keys_and_values_attend_like_copies() -> None:
         torch.testing.assert_close(w_shared, w_copies)
 
 
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_several_captions_per_image_train_like_copied_images(encoder: str) -> None:
+    """K caption rows per image: the same logits and gradients as feeding each image K times."""
+    model = _model(encoder, dropout=0.0).train()  # train mode (BatchNorm batch statistics), no random masks
+    images, tokens = _images(2), _tokens(6, 5)  # 2 images x 3 captions, image-major
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[1, 3:] = pad[4, 2:] = True
+    grads = []
+    for imgs in (images, images.repeat_interleave(3, 0)):
+        model.zero_grad()
+        logits = model(imgs, tokens, pad_mask=pad)
+        (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (shared, g_shared), (copies, g_copies) = grads
+    torch.testing.assert_close(shared, copies, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_shared, g_copies, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    with pytest.raises(AssertionError, match="whole number"):
+        model(images, tokens[:5])
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 

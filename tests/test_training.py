@@ -23,6 +23,7 @@ from captioner.training import (
     TrainingInterrupted,
     caption_loss,
     lr_factor,
+    selection_score,
     train,
 )
 
@@ -78,6 +79,15 @@ def test_default_run_with_a_time_limit_ends_annealed_within_it(tmp_path: Path) -
     steps = [data for kind, data in events if kind == "step"]
     assert steps[-1]["lr"] < 0.05 * cfg.lr  # annealed
     assert not any(kind == "warning" and "time limit" in data["message"] for kind, data in events)
+
+
+def test_best_is_kept_by_accuracy_where_truth_is_known_else_by_cider() -> None:
+    sharper = {"CIDEr-D": 6.925, "accuracy": 0.92}  # a real pair of validations, the later one truer
+    earlier = {"CIDEr-D": 6.928, "accuracy": 0.86}
+    assert selection_score(sharper, knows_truth=True) > selection_score(earlier, knows_truth=True)
+    assert selection_score(sharper, knows_truth=False) < selection_score(earlier, knows_truth=False)
+    tie = {"CIDEr-D": 7.0, "accuracy": 0.92}
+    assert selection_score(tie, knows_truth=True) > selection_score(sharper, knows_truth=True)  # CIDEr-D breaks ties
 
 
 def test_early_stop_after_validations_without_improvement(tmp_path: Path) -> None:

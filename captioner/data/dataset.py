@@ -1,8 +1,10 @@
 """The training Dataset and the collate that pads captions: the only place the caption shift happens.
 
-An item is one image with one caption encoded twice, shifted by one position:
+An item is one image with K of its captions, each encoded twice, shifted by one position:
     inputs  = <bos> w1 w2 ... wn          (what the decoder reads)
     targets = w1 w2 ... wn <eos>          (what it must predict at each position)
+K > 1 ("captions per image") trains on several references of an image while encoding it once: the
+decoder is the cheap part of a step, so K captions cost far less than K images.
 """
 
 from __future__ import annotations
@@ -41,25 +43,34 @@ class Item:
     """One training example before batching."""
 
     image: torch.Tensor  # (3, S, S)
-    inputs: torch.Tensor  # (T,) <bos> + caption
-    targets: torch.Tensor  # (T,) caption + <eos>
+    inputs: list[torch.Tensor]  # K x (T_k,) <bos> + caption
+    targets: list[torch.Tensor]  # K x (T_k,) caption + <eos>
     image_id: str
     pad_id: int
 
 
 @dataclass
 class Batch:
-    """A padded batch; `pad_mask` is True at padding positions of `inputs` and `targets`."""
+    """A padded batch of B images and B*K caption rows; `pad_mask` is True at padding of `inputs`/`targets`.
+
+    Rows are image-major: rows b*K .. b*K+K-1 are captions of image b, so the decoder can attend to
+    each image's memory once for all its rows (see MultiHeadAttention.forward).
+    """
 
     images: torch.Tensor  # (B, 3, S, S)
-    inputs: torch.Tensor  # (B, T) long
-    targets: torch.Tensor  # (B, T) long, padded with pad_id (which the loss ignores)
-    pad_mask: torch.Tensor  # (B, T) bool
-    lengths: torch.Tensor  # (B,) real tokens per row (caption words + 1)
-    image_ids: list[str]
+    inputs: torch.Tensor  # (B*K, T) long
+    targets: torch.Tensor  # (B*K, T) long, padded with pad_id (which the loss ignores)
+    pad_mask: torch.Tensor  # (B*K, T) bool
+    lengths: torch.Tensor  # (B*K,) real tokens per row (caption words + 1)
+    image_ids: list[str]  # (B,)
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def captions_per_image(self) -> int:
+        """K: caption rows per image."""
+        return self.inputs.shape[0] // self.images.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with every tensor on `device`."""
@@ -73,18 +84,22 @@ class Batch:
 
 
 def collate(batch: Sequence[Item]) -> Batch:
-    """Stack images and right-pad inputs/targets to the longest caption of the batch."""
+    """Stack images and right-pad every caption row (image-major) to the longest caption of the batch."""
     if not batch:
         raise DataError("cannot collate an empty batch")
+    K = len(batch[0].inputs)
+    if any(len(it.inputs) != K for it in batch):
+        raise DataError("every item of a batch must carry the same number of captions")
     pad = batch[0].pad_id
-    B, T = len(batch), max(len(it.inputs) for it in batch)
-    inputs = torch.full((B, T), pad, dtype=torch.long)
-    targets = torch.full((B, T), pad, dtype=torch.long)
-    lengths = torch.tensor([len(it.inputs) for it in batch], dtype=torch.long)  # (B,)
-    for b, it in enumerate(batch):
-        inputs[b, : len(it.inputs)] = it.inputs
-        targets[b, : len(it.targets)] = it.targets
-    pad_mask = torch.arange(T)[None, :] >= lengths[:, None]  # (B, T)
+    rows = [(i, t) for it in batch for i, t in zip(it.inputs, it.targets, strict=True)]
+    R, T = len(rows), max(len(i) for i, _ in rows)
+    inputs = torch.full((R, T), pad, dtype=torch.long)
+    targets = torch.full((R, T), pad, dtype=torch.long)
+    lengths = torch.tensor([len(i) for i, _ in rows], dtype=torch.long)  # (R,)
+    for r, (i, t) in enumerate(rows):
+        inputs[r, : len(i)] = i
+        targets[r, : len(t)] = t
+    pad_mask = torch.arange(T)[None, :] >= lengths[:, None]  # (R, T)
     images = torch.stack([it.image for it in batch])  # (B, 3, S, S)
     return Batch(images, inputs, targets, pad_mask, lengths, [it.image_id for it in batch])
 
@@ -92,17 +107,21 @@ def collate(batch: Sequence[Item]) -> Batch:
 class CaptionDataset(torch.utils.data.Dataset):
     """Images with their captions as decoder inputs/targets.
 
-    mode "random": one item per image, its caption drawn afresh each epoch (deterministic in seed,
-    epoch, index; call `set_epoch`). mode "all": one item per (image, caption) pair.
+    mode "random": one item per image with `captions_per_image` (K) of its captions, drawn afresh each
+    epoch (deterministic in seed, epoch, index; call `set_epoch`): K distinct ones when the image has
+    at least K, else all of them and repeats. mode "all": one item per (image, caption) pair (K = 1).
     """
 
     def __init__(self, samples: Sequence[Sample], vocab: Vocabulary,
                  transform: Callable[[Image.Image], torch.Tensor], *, max_len: int = 30, mode: str = "random",
-                 seed: int = 0, cache_renders: bool = True) -> None:
+                 seed: int = 0, cache_renders: bool = True, captions_per_image: int = 1) -> None:
         if mode not in MODES:
             raise DataError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if max_len < 1:
             raise DataError(f"max_len must be >= 1, got {max_len}")
+        if captions_per_image < 1 or (mode == "all" and captions_per_image != 1):
+            raise DataError(f"captions_per_image must be >= 1 (1 in mode 'all'), got {captions_per_image}")
+        self.captions_per_image = captions_per_image
         self.samples = list(samples)
         self.vocab, self.transform = vocab, transform
         self.max_len, self.mode, self.seed = max_len, mode, seed
@@ -133,12 +152,19 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.pairs is not None else len(self.samples)
 
-    def caption_index(self, index: int) -> tuple[int, int]:
-        """(sample, caption) shown at dataset position `index` in the current epoch."""
+    def caption_indices(self, index: int) -> tuple[int, list[int]]:
+        """(sample, its K captions) shown at dataset position `index` in the current epoch."""
         if self.pairs is not None:
-            return self.pairs[index]
-        n = len(self.tokens[index])
-        return index, _mix(self.seed, self.epoch, index) % n
+            i, j = self.pairs[index]
+            return i, [j]
+        n, K = len(self.tokens[index]), self.captions_per_image
+        h = _mix(self.seed, self.epoch, index)
+        if K == 1:
+            return index, [h % n]
+        rng = random.Random(h)
+        if K <= n:
+            return index, rng.sample(range(n), K)
+        return index, rng.sample(range(n), n) + rng.choices(range(n), k=K - n)
 
     def _cached_render(self, i: int) -> np.ndarray | None:
         """Sample i's rendered scene as uint8 (S, S, 3), rendered once (rendering costs CPU); None for files."""
@@ -152,10 +178,10 @@ class CaptionDataset(torch.utils.data.Dataset):
         return pixels
 
     def __getitem__(self, index: int) -> Item:
-        i, j = self.caption_index(index)
-        words = self.tokens[i][j]
-        inputs = torch.tensor([self.vocab.bos_id, *words], dtype=torch.long)  # (T,)
-        targets = torch.tensor([*words, self.vocab.eos_id], dtype=torch.long)  # (T,)
+        i, chosen = self.caption_indices(index)
+        words = [self.tokens[i][j] for j in chosen]
+        inputs = [torch.tensor([self.vocab.bos_id, *w], dtype=torch.long) for w in words]  # K x (T,)
+        targets = [torch.tensor([*w, self.vocab.eos_id], dtype=torch.long) for w in words]  # K x (T,)
         pixels = self._cached_render(i)
         if pixels is None:
             image = self.transform(sample_image(self.samples[i]))  # (3, S, S)

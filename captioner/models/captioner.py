@@ -79,9 +79,13 @@ class CaptionModel(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, *,
                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: images (B, 3, S, S), decoder inputs (B, T) (<bos> + caption) -> logits (B, T, V)."""
-        assert images.shape[0] == tokens.shape[0], \
-            f"{images.shape[0]} images but {tokens.shape[0]} token rows"
+        """Teacher forcing: images (B, 3, S, S), decoder inputs (B*K, T) (<bos> + caption) -> logits (B*K, T, V).
+
+        K >= 1 captions per image, image-major (rows b*K .. b*K+K-1 describe image b): each image is
+        encoded once, however many of its captions are trained on.
+        """
+        assert tokens.shape[0] % images.shape[0] == 0, \
+            f"{tokens.shape[0]} token rows are not a whole number of captions for each of {images.shape[0]} images"
         logits, _ = self.decode(self.encode(images).memory, tokens, pad_mask=pad_mask)
         return logits
 

@@ -128,9 +128,14 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Whole prefixes: tokens (B, T), memory (B, N, D) -> logits (B, T, V), cross weights (L, B, H, T, N) | None."""
+        """Whole prefixes: tokens (B, T), memory (M, N, D) -> logits (B, T, V), cross weights (L, B, H, T, N) | None.
+
+        M = B, or fewer images each decoded by B / M adjacent rows (several captions of one image in
+        training): the rows of an image share its memory's keys and values, computed once.
+        """
         B, T = tokens.shape
-        assert memory.dim() == 3 and memory.shape[0] == B, f"memory must be (B={B}, N, D), got {tuple(memory.shape)}"
+        assert memory.dim() == 3 and B % memory.shape[0] == 0, \
+            f"memory must be (M, N, D) with M dividing B={B}, got {tuple(memory.shape)}"
         mask = causal_mask(T, tokens.device)  # (T, T): position t sees 0..t
         if pad_mask is not None:
             assert pad_mask.shape == (B, T) and pad_mask.dtype == torch.bool, \
