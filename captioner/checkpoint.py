@@ -2,7 +2,7 @@
 
 A run directory holds
     config.json          model config, vocabulary, preprocessing, training options (JSON, never pickle)
-    model.safetensors    the best weights so far (by validation CIDEr-D)
+    model.safetensors    the best weights so far (by validation CIDEr-D; by accuracy on the built-in world)
     last.safetensors     the latest weights plus optimiser/schedule/RNG state, for an exact resume
     metrics.jsonl        one JSON object per validation
 Every file is written to a temporary name in the same folder and renamed over the old one, so a kill

@@ -139,7 +139,9 @@ class TrainConfig:
     captions_per_image: int = 5
     lr: float = 2e-3
     weight_decay: float = 0.01  # AdamW decay on weight matrices only; norms and biases are exempt
-    warmup_steps: int = 200
+    # Linear warm-up (the seeds' schedule). 500 rather than 200: with 5 captions per image the ViT at 200
+    # scored 84-90 % on the built-in world and 95 % at 500 (two seeds); at batch 64 and 200 one ViT stalled.
+    warmup_steps: int = 500
     schedule: str = "cosine"  # "cosine" (warm-up then half a cosine to 0) or "inverse_sqrt" (then 1/sqrt(step))
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
