@@ -212,7 +212,7 @@ def train(
     captions_per_image: Annotated[int | None, typer.Option(
         min=1, max=64, help="Captions of each image trained on per step (encoded once; default 5).")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Linear warm-up steps.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Linear warm-up steps (default 500).")] = None,
     schedule: Annotated[Schedule | None, typer.Option(help="Decay after warm-up.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.99)] = None,
     weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
