@@ -404,8 +404,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     if state is not None:
         optimizer.load_state_dict(weights.optimizer)
         step, epoch = state["step"], state["epoch"]
-        best_score, stale = tuple(state.get("best_score", best_score)), state.get("stale", 0)
-        best_record = state.get("best_record", {})
+        stale, best_record = state.get("stale", 0), state.get("best_record", {})
+        if best_record:  # ranked again from the record itself, so a run saved under another ranking resumes too
+            best_score = selection_score(best_record, knows_truth)
         # The loaded param groups already carry the current lr; the schedule only needs its position.
         scheduler.last_epoch = step
         _set_rng_state(weights.rng)
@@ -429,7 +430,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
         checkpoint.save_weights(run_dir / checkpoint.LAST, model, meta={"step": step, "epoch": epoch},
                                 train_state={
                                     "optimizer": optimizer.state_dict(), "rng": _rng_state(), "step": step,
-                                    "epoch": epoch, "best_score": best_score, "stale": stale,
+                                    "epoch": epoch, "stale": stale,
                                     "best_record": best_record, "finished": finished,
                                     "total_steps": total_steps,
                                 })

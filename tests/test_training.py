@@ -165,6 +165,18 @@ def test_resume_after_n_steps_is_exact(tmp_path: Path) -> None:
         train(tiny_train_config(max_steps=12, val_every=6, schedule="inverse_sqrt"), halves, resume=True)
 
 
+def test_resume_of_a_run_saved_when_best_was_ranked_by_one_number(tmp_path: Path) -> None:
+    """Runs saved before `best` was ranked by (accuracy, CIDEr-D) hold a float best_score: they still resume."""
+    run = tmp_path / "run"
+    train(tiny_train_config(max_steps=6, val_every=3), run)
+    weights = checkpoint.load_weights(run / checkpoint.LAST)
+    state = {**weights.train_state, "optimizer": weights.optimizer, "rng": weights.rng, "best_score": 0.5}
+    model = checkpoint.load_run(run, which="last").model
+    checkpoint.save_weights(run / checkpoint.LAST, model, meta=weights.meta, train_state=state)
+    result = train(tiny_train_config(max_steps=9, val_every=3), run, resume=True)
+    assert result.steps == 9 and result.best["step"] in (3, 6, 9)
+
+
 def test_resume_after_interrupt_mid_epoch_is_exact(tmp_path: Path) -> None:
     """Ctrl-C mid-epoch, then --resume: the same weights as a run never stopped (cosine schedule)."""
     cfg = tiny_train_config(max_steps=14, val_every=7, schedule="cosine")  # 8 steps per epoch
