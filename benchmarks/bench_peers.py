@@ -128,8 +128,9 @@ def ceilings(model: CaptionModel, hf, bf16: bool) -> dict[str, float]:
     """How fast our greedy decoding could be at best, against the peer's measured generate, side by side.
 
     Best case = our encoder at the default precision + TOKENS steps that do nothing but the decoder's
-    matrix products. A ratio target above `ceiling_*` cannot be met by any decoding loop around this
-    model on this machine; `hf_encoder_share_*` is the part of the peer's time spent in its encoder.
+    matrix products (float32 weights, as Captioner.load keeps the decoder). A ratio target above
+    `ceiling_*` cannot be met by any decoding loop around this float32 decoder on this machine (lower
+    precision weights would move the floor); `hf_encoder_share_*` is the peer's time spent in its encoder.
     """
     out: dict[str, float] = {}
     dtype = torch.bfloat16 if bf16 else torch.float32
