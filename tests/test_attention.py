@@ -205,8 +205,8 @@ def test_mha_matches_reference_and_fused_equals_explicit(name: str, mask_kind: s
     assert not fast.isnan().any()
 
 
-def test_bf16_training_on_cpu_takes_the_explicit_path_with_the_same_gradients(monkeypatch) -> None:
-    """SDPA's CPU bf16 backward is the slow one (fused_is_slower): training there goes explicit, same result."""
+def test_bf16_on_cpu_takes_the_explicit_path_with_the_same_results(monkeypatch) -> None:
+    """SDPA's CPU bf16 kernel is the slow one (fused_is_slower): bf16 goes explicit, same result."""
     torch.manual_seed(0)
     B, T, D = 4, 6, 32
     mha = MultiHeadAttention(d_model=D, n_heads=4)  # default init: softmaxes of moderate sharpness, as in training
@@ -220,24 +220,40 @@ def test_bf16_training_on_cpu_takes_the_explicit_path_with_the_same_gradients(mo
         out.float().square().sum().backward()
         return out.float(), x.grad
 
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        inference, _ = mha(query, query, query, mask=mask)  # no autograd: the fused kernel keeps it
     calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
     explicit_out, explicit_grad = out_and_grad()
-    assert calls == []  # bf16 + autograd on CPU never reached SDPA
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mha(query, query, query, mask=mask)
-    assert calls == [1]  # without autograd it does
-    # Same results up to bf16 rounding (~3 significant digits): compared as relative norms, against the
-    # bf16 fused forward and against float32 autograd through the fused path.
+        inference, _ = mha(query, query, query, mask=mask)
+    assert calls == []  # bf16 on CPU, training or not, never reached SDPA
+    # float32 with autograd does; its result is the reference. Same results up to bf16 rounding
+    # (~3 significant digits), compared as relative norms.
     x = query.clone().requires_grad_()
     out, _ = mha(x, x, x, mask=mask)
     out.square().sum().backward()
-    for ours, reference in ((explicit_out, inference.float()), (explicit_out, out), (explicit_grad, x.grad)):
+    assert calls == [1]
+    for ours, reference in ((explicit_out, out), (inference.float(), out), (explicit_grad, x.grad)):
         assert (ours - reference).norm() / reference.norm() < 2e-2
+
+
+def test_float32_inference_of_many_decoding_rows_goes_explicit(monkeypatch) -> None:
+    """A decoding step over many rows (few queries each) takes the explicit path; one image keeps SDPA."""
+    torch.manual_seed(0)
+    mha = _randomise(MultiHeadAttention(d_model=32, n_heads=4)).eval()
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or real_sdpa(*a, **k))
+    with torch.inference_mode():
+        for rows, queries in ((1, 1), (16, 1), (16, 3), (16, 12)):
+            query, memory = torch.randn(rows, queries, 32), torch.randn(rows, 9, 32)
+            out, _ = mha(query, memory, memory)
+            _, weights = mha(query, memory, memory, need_weights=True)  # explicit reference
+            reference = _reference_mha(mha, query, memory, memory, None)[0]
+            torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-4)
+    assert calls == [1, 16]  # one image; and 16 rows of 12 queries (a whole prefix) keep the fused kernel
 
 
 def _copy_into_torch_mha(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:

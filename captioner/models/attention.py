@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import SCORES
+from captioner.models.linear import Linear, linear
 
 # Scores that F.scaled_dot_product_attention computes itself (dot is scaled_dot with scale 1), so
 # only these can take the fused path; general and additive always go through the explicit path.
@@ -23,14 +24,24 @@ FUSED_SCORES = ("dot", "scaled_dot")
 
 
 def fused_is_slower(q: torch.Tensor) -> bool:
-    """Whether the explicit path beats F.scaled_dot_product_attention for these queries.
+    """Whether the explicit path beats F.scaled_dot_product_attention for these queries (B, H, Tq, Dh).
 
-    On CPU, SDPA's bfloat16 backward (its flash kernel) is 2-6x slower than the explicit path's matmuls at
-    caption sizes: forward + backward of a 32 x 4-head batch, 36-token self-attention 8.7 vs 1.4 ms,
-    13 x 36 cross-attention 4.3 vs 0.9 ms (`python benchmarks/bench_attention.py`, "core_train_bf16").
-    In float32, on CUDA, and without autograd the fused kernel is as fast or faster, so it keeps those.
+    Measured on the CPU (`python benchmarks/bench_attention.py`, "core_train_bf16" and "core_decode"):
+    - bfloat16, with or without autograd: SDPA's CPU kernel is the slower one. Forward + backward of a
+      32 x 4-head batch, 36-token self-attention 8.7 vs 1.4 ms; inference of the bf16 encoder's 144-token
+      self-attention at batch 32 1.9x, and decoding-step shapes 3-5x.
+    - float32 inference of a few queries per row over many rows (decoding steps of a batch, beams):
+      the explicit path's batched matrix products are 1.1-1.4x faster (one query per row, 32 rows x
+      4 heads over 144 regions), up to 2.9x for the 3 grouped queries of beam search. With few rows
+      (greedy on one image) or many queries (training, the encoder) SDPA keeps the lead.
+    CUDA always keeps the fused kernel.
     """
-    return q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    if q.device.type != "cpu":
+        return False
+    if q.dtype == torch.bfloat16:
+        return True
+    B, H, Tq, _ = q.shape
+    return not q.requires_grad and Tq <= 4 and B * H >= 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,12 +257,12 @@ class MultiHeadAttention(nn.Module):
         assert d_model % n_heads == 0, f"d_model ({d_model}) must be divisible by n_heads ({n_heads})"
         d_kv = d_kv or d_model
         self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
-        self.to_q = nn.Linear(d_model, d_model)
+        self.to_q = Linear(d_model, d_model)
         # W_K and W_V stacked in one (2D, d_kv) matrix: keys and values are projections of the same sequence,
         # so one matrix product gives both (rows :D are W_K, rows D: are W_V).
-        self.to_kv = nn.Linear(d_kv, 2 * d_model)
+        self.to_kv = Linear(d_kv, 2 * d_model)
         self.score = Score(score, n_heads=n_heads, d_q=self.d_head, d_k=self.d_head)
-        self.to_out = nn.Linear(d_model, d_model)  # W_O: mixes the concatenated heads back into D
+        self.to_out = Linear(d_model, d_model)  # W_O: mixes the concatenated heads back into D
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -265,8 +276,8 @@ class MultiHeadAttention(nn.Module):
             return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         D = self.n_heads * self.d_head
         w, b = self.to_kv.weight, self.to_kv.bias
-        return (self._split_heads(F.linear(key, w[:D], b[:D])),
-                self._split_heads(F.linear(value, w[D:], b[D:])))
+        return (self._split_heads(linear(key, w[:D], b[:D])),
+                self._split_heads(linear(value, w[D:], b[D:])))
 
     def precompute(self, memory: torch.Tensor) -> KVCache:
         """Cross-attention keys and values of `memory` (B, N, d_kv), computed once per image and reused."""
@@ -342,10 +353,11 @@ class FeedForward(nn.Module):
 
     def __init__(self, *, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.to_hidden = nn.Linear(d_model, d_ff)
+        self.to_hidden = Linear(d_model, d_ff)
         self.dropout = nn.Dropout(dropout)
-        self.to_out = nn.Linear(d_ff, d_model)
+        self.to_out = Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), each position on its own."""
-        return self.to_out(self.dropout(F.gelu(self.to_hidden(x))))
+        hidden = linear(x, self.to_hidden.weight, self.to_hidden.bias, gelu=True)  # one fused call at inference
+        return self.to_out(self.dropout(hidden))

@@ -15,6 +15,7 @@ from torch import nn
 
 from captioner.config import ModelConfig
 from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, causal_mask
+from captioner.models.linear import Linear
 from captioner.models.positional import sinusoidal_1d
 
 
@@ -104,7 +105,7 @@ class TransformerDecoder(nn.Module):
         # Pre-LN leaves the residual stream unnormalised, so it needs a final norm; post-LN already ends on one.
         self.norm = nn.LayerNorm(D) if config.norm_first else nn.Identity()
         # Tied output layer (Press & Wolf): the logit of word v is the similarity of the state to v's embedding.
-        self.head = nn.Linear(D, config.vocab_size, bias=False)
+        self.head = Linear(D, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight
         self._positions = torch.empty(0)  # sinusoidal_1d rows computed so far: a decoding step reads one
 
