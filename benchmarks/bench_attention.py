@@ -6,6 +6,11 @@
   training forward+backward);
 - the attention core in bfloat16, forward + backward (what training under CPU autocast runs), at the
   tiny preset's shapes and at the matched size: the figures behind `fused_is_slower`;
+- the attention core at inference in the shapes captioning runs (decoding steps of 1 to 96 rows, and
+  the encoder's 144-token self-attention), float32 and bfloat16: the other figures behind `fused_is_slower`;
+- float32 linear layers at inference on MKL's sgemm (plain F.linear) vs oneDNN's kernel, at the row
+  counts captioning runs (one decoder step's 19 products, and the encoder's): the figures behind
+  `captioner.models.linear`;
 - the explicit path of each scoring function (general and additive have no fused form);
 - KV-cache growth while decoding one token at a time: preallocated capacity written in place vs
   concatenating a new tensor every step.
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, setup_threads  # noqa: E402
 
 from captioner.models.attention import KVCache, MultiHeadAttention, causal_mask  # noqa: E402
+from captioner.models.linear import linear, onednn_linear  # noqa: E402
 
 B, H, T, N, D = 32, 4, 20, 64, 256  # a batch of 32 captions of 20 tokens over an 8x8 grid, width 256
 
@@ -109,6 +115,61 @@ def core_train_bf16(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def core_decode(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
+    """The two core paths at inference, in the shapes captioning runs at the matched size (4 heads, Dh 64)."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=D, n_heads=H).to(device).eval()
+    shapes = {  # name: (rows, Tq, Tk)
+        "step, 1 image, cross over 144 regions": (1, 1, 144),
+        "step, 32 images, cross over 144 regions": (32, 1, 144),
+        "step, 32 images x 3 beams grouped, cross over 144 regions": (32, 3, 144),
+        "step, 32 images, self over 20 cached": (32, 1, 20),
+        "step, 96 beams, self over 20 cached": (96, 1, 20),
+        "encoder self-attention, 32 images x 144 patches": (32, 144, 144),
+    }
+    out = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, (rows, tq, tk) in shapes.items():
+                q = torch.randn(rows, H, tq, D // H, device=device, dtype=dtype)
+                kv = torch.randn(rows, H, tk, D // H, device=device, dtype=dtype)
+                out[f"{str(dtype).removeprefix('torch.')} {name}"] = compare(
+                    {"fused": lambda q=q, kv=kv: mha._fused(q, kv, kv, None),
+                     "explicit": lambda q=q, kv=kv: mha._explicit(q, kv, kv, None)},
+                    repeat=repeat, device=device)
+    return out
+
+
+def linear_kernels(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
+    """One decoder step's 19 float32 products (3 layers + output layer), and one encoder product, per kernel."""
+    torch.manual_seed(0)
+    step = [(3 * D, D), (D, D), (D, D), (D, D), (4 * D, D), (D, 4 * D)] * 3 + [(1000, D)]  # (out, in)
+    weights = [(torch.randn(o, i, device=device), torch.randn(o, device=device)) for o, i in step]
+    out = {}
+
+    def run(inputs: dict[int, torch.Tensor], onednn: bool) -> None:
+        with onednn_linear(onednn):
+            for w, b in weights:
+                linear(inputs[w.shape[1]], w, b)
+
+    with torch.inference_mode():
+        for rows in (1, 3, 32, 96):
+            inputs = {i: torch.randn(rows, i, device=device) for i in (D, 4 * D)}
+            out[f"decoder step, {rows} rows"] = compare(
+                {"mkl": lambda x=inputs: run(x, False), "onednn": lambda x=inputs: run(x, True)},
+                repeat=repeat, device=device)
+        x, (w, b) = torch.randn(32 * 144, D, device=device), weights[4]  # the feed-forward's first product
+
+        def encoder_product(onednn: bool) -> None:
+            with onednn_linear(onednn):
+                linear(x, w, b)
+
+        out["encoder 32 x 144 rows, 256 -> 1024"] = compare(
+            {"mkl": lambda: encoder_product(False), "onednn": lambda: encoder_product(True)},
+            repeat=repeat, device=device)
+    return out
+
+
 def module(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     """The whole MultiHeadAttention (projections included) on each path, inference and training."""
     torch.manual_seed(0)
@@ -179,6 +240,8 @@ def main() -> None:
         "machine": {**machine(), "device": args.device},
         "core": core(args.device, repeat=args.repeat),
         "core_train_bf16": core_train_bf16(args.device, repeat=max(5, args.repeat // 3)),
+        "core_decode": core_decode(args.device, repeat=args.repeat),
+        "linear_kernels": linear_kernels(args.device, repeat=args.repeat),
         "module": module(args.device, repeat=args.repeat),
         "explicit_by_score": scores(args.device, repeat=args.repeat),
         "kv_cache": caches(args.device, repeat=max(5, args.repeat // 3)),

@@ -1,4 +1,4 @@
-"""captioner.models.linear: the oneDNN kernel for float32 CPU inference, F.linear everywhere else."""
+"""captioner.models.linear: oneDNN for CPU inference (float32 from two rows, bfloat16), F.linear elsewhere."""
 
 from __future__ import annotations
 
@@ -43,7 +43,17 @@ def test_onednn_path_equals_f_linear(onednn_calls, gelu: bool, bias: bool) -> No
     assert onednn_calls == [(3, 5, 32), (3, 5, 32), (5, 32)]
 
 
-def test_only_float32_cpu_inference_of_two_rows_or_more_takes_onednn(onednn_calls) -> None:
+def test_bfloat16_inference_takes_onednn_with_gelu_fused(onednn_calls) -> None:
+    torch.manual_seed(0)
+    w, b, x = torch.randn(48, 32).bfloat16(), torch.randn(48).bfloat16(), torch.randn(1, 32).bfloat16()
+    with torch.inference_mode():
+        fused = linear(x, w, b, gelu=True)  # one row too: in bf16 both kernels are oneDNN's
+    reference = F.gelu(F.linear(x.float(), w.float(), b.float()))
+    assert fused.dtype == torch.bfloat16 and onednn_calls == [(1, 32)]
+    torch.testing.assert_close(fused.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_only_inference_outside_autocast_takes_onednn(onednn_calls) -> None:
     torch.manual_seed(0)
     layer = Linear(8, 4)
     rows = torch.randn(6, 8)
