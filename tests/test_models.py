@@ -230,6 +230,9 @@ def test_step_with_caches_reproduces_forward(encoder: str, cross_score: str) -> 
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_cross, want_cross, atol=1e-5, rtol=1e-5)
     assert state.position == 9
+    model.train()  # the step has no dropout: training goes through forward
+    with pytest.raises(AssertionError, match="inference"), torch.no_grad():
+        model.step(tokens[:, 0], model.start(memory))
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -274,8 +277,11 @@ def test_rows_sharing_an_images_keys_and_values_attend_like_copies() -> None:
             shared, w_shared = mha(query, None, None, cache=mha.precompute(memory), need_weights=True)
             copies, w_copies = mha(query, memory.repeat_interleave(3, 0), memory.repeat_interleave(3, 0),
                                    need_weights=True)
+            stepped, w_stepped = mha.step(query, mha.precompute(memory), need_weights=True)  # the decoding step
         torch.testing.assert_close(shared, copies)
         torch.testing.assert_close(w_shared, w_copies)
+        torch.testing.assert_close(stepped, copies)
+        torch.testing.assert_close(w_stepped, w_copies)
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)

@@ -306,6 +306,33 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(key, value)  # (B, H, Tk, Dh)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, H, past + Tk, Dh)
+        out, weights = self._attend(q, k, v, mask, need_weights)
+        out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H*Dh): heads concatenated
+        return self.to_out(out), weights
+
+    def step(self, query: torch.Tensor, cache: KVCache, *,
+             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for a decoding step, at inference: query (B, Tq, D) against a cache, on the parameters directly.
+
+        A growing cache takes the new keys/values of `query` (self-attention); a frozen one is read as is
+        (cross-attention). No checks and no nn.Module calls, which cost a step more than its attention
+        at batch 1 (see DecoderLayer.step).
+        """
+        B, Tq, D = query.shape
+        q = linear(query, self.to_q.weight, self.to_q.bias).view(B, Tq, self.n_heads, self.d_head).transpose(1, 2)
+        if cache.frozen:
+            k, v = cache.k, cache.v
+        else:
+            kv = linear(query, self.to_kv.weight, self.to_kv.bias).view(B, Tq, 2, self.n_heads, self.d_head)
+            k, v = cache.append(kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))  # (B, H, past+Tq, Dh)
+        out, weights = self._attend(q, k, v, None, need_weights)
+        out = out.transpose(1, 2).reshape(B, Tq, D)
+        return linear(out, self.to_out.weight, self.to_out.bias), weights
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q (B, H, Tq, Dh) over k, v (Bk, H, Tk, Dh) with Bk dividing B -> (out (B, H, Tq, Dh), weights | None)."""
+        B, _, Tq, _ = q.shape
         Bk = k.shape[0]
         assert B % Bk == 0, f"queries have batch {B} but keys/values have {Bk}"
         R = B // Bk
@@ -326,8 +353,7 @@ class MultiHeadAttention(nn.Module):
 
             out = ungroup(out)
             weights = None if weights is None else ungroup(weights)
-        out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H*Dh): heads concatenated
-        return self.to_out(out), (weights if need_weights else None)
+        return out, (weights if need_weights else None)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,4 +388,4 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), each position on its own."""
         hidden = linear(x, self.to_hidden.weight, self.to_hidden.bias, gelu=True)  # one fused call at inference
-        return self.to_out(self.dropout(hidden))
+        return linear(self.dropout(hidden), self.to_out.weight, self.to_out.bias)

@@ -11,11 +11,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig
 from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, causal_mask
-from captioner.models.linear import Linear
+from captioner.models.linear import Linear, linear
 from captioner.models.positional import sinusoidal_1d
 
 
@@ -91,6 +92,29 @@ class DecoderLayer(nn.Module):
             x = self.norm3(x + self.dropout(self.ff(x)))
         return x, weights
 
+    def step(self, x: torch.Tensor, self_cache: KVCache, cross_cache: KVCache, *,
+             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for one new token per row at inference: x (B, 1, D) against the caches, same result.
+
+        The same sublayers in the same order, written on the parameters: no dropout (inference only)
+        and no nn.Module calls. A step runs once per generated word, and at batch 1 the module machinery
+        (17 calls per layer) took about a quarter of it (`python benchmarks/bench_peers.py`, "step").
+        """
+        def norm(layer_norm: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(t, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps)
+
+        if self.norm_first:
+            x = x + self.self_attn.step(norm(self.norm1, x), self_cache)[0]
+            out, weights = self.cross_attn.step(norm(self.norm2, x), cross_cache, need_weights=need_weights)
+            x = x + out
+            x = x + self.ff.forward(norm(self.norm3, x))
+        else:
+            x = norm(self.norm1, x + self.self_attn.step(x, self_cache)[0])
+            out, weights = self.cross_attn.step(x, cross_cache, need_weights=need_weights)
+            x = norm(self.norm2, x + out)
+            x = norm(self.norm3, x + self.ff.forward(x))
+        return x, weights
+
 
 class TransformerDecoder(nn.Module):
     """Token embedding (x sqrt(D)) + sinusoidal positions -> DecoderLayers -> LayerNorm -> tied output layer."""
@@ -164,12 +188,16 @@ class TransformerDecoder(nn.Module):
         assert tokens.dim() == 1, f"step takes one token per row (B,), got {tuple(tokens.shape)}"
         assert tokens.shape[0] == state.batch_size, \
             f"state holds {state.batch_size} rows but {tokens.shape[0]} tokens were given (reorder the state?)"
-        x = self._embed(tokens[:, None], offset=state.position)  # (B, 1, D)
+        assert not self.training, "step is for inference: train on whole prefixes (forward)"
+        x = self.embed.weight[tokens] * math.sqrt(self.d_model) + self.positions(state.position, 1, self.embed.weight)
+        x = x[:, None]  # (B, 1, D): as _embed, without dropout
         crosses = []
         for layer, self_cache, cross_cache in zip(self.layers, state.self_caches, state.cross_caches, strict=True):
             # No mask: the one new query may see every cached position, which are all in its past.
-            x, weights = layer(x, None, self_cache=self_cache, cross_cache=cross_cache, need_weights=need_weights)
+            x, weights = layer.step(x, self_cache, cross_cache, need_weights=need_weights)
             crosses.append(weights)
         state.position += 1
-        logits = self.head(self.norm(x))[:, 0]  # (B, V)
+        if isinstance(self.norm, nn.LayerNorm):
+            x = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        logits = linear(x[:, 0], self.head.weight)  # (B, V)
         return logits, (torch.stack(crosses)[:, :, :, 0] if need_weights else None)  # (L, B, H, N)

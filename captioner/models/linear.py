@@ -40,13 +40,16 @@ def onednn_linear(enabled: bool) -> Iterator[None]:
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not (_enabled and _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")):
+    # Cheapest tests first: this runs for every product of every decoding step.
+    if not (_enabled and _ONEDNN) or x.dtype != weight.dtype or x.device.type != "cpu":
         return False
-    if x.dtype == torch.bfloat16:
-        return True
-    return x.dtype == torch.float32 and x.numel() >= 2 * x.shape[-1]  # float32: two rows or more
+    if x.dtype == torch.float32:
+        if x.numel() < 2 * x.shape[-1]:  # one row: MKL's matrix-vector product
+            return False
+    elif x.dtype != torch.bfloat16:
+        return False
+    return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
