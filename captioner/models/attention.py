@@ -26,14 +26,16 @@ FUSED_SCORES = ("dot", "scaled_dot")
 def fused_is_slower(q: torch.Tensor) -> bool:
     """Whether the explicit path beats F.scaled_dot_product_attention for these queries (B, H, Tq, Dh).
 
-    Measured on the CPU (`python benchmarks/bench_attention.py`, "core_train_bf16" and "core_decode"):
+    Measured on the CPU (`python benchmarks/bench_attention.py`, "core_train_bf16" and "core_decode",
+    explicit time over fused):
     - bfloat16, with or without autograd: SDPA's CPU kernel is the slower one. Forward + backward of a
-      32 x 4-head batch, 36-token self-attention 8.7 vs 1.4 ms; inference of the bf16 encoder's 144-token
-      self-attention at batch 32 1.9x, and decoding-step shapes 3-5x.
+      32 x 4-head batch, 36-token self-attention 1.4 vs 8.7 ms; at inference the bf16 encoder's
+      144-token self-attention at 32 images 0.57, decoding steps of 32-96 rows 0.24-0.47.
     - float32 inference of a few queries per row over many rows (decoding steps of a batch, beams):
-      the explicit path's batched matrix products are 1.1-1.4x faster (one query per row, 32 rows x
-      4 heads over 144 regions), up to 2.9x for the 3 grouped queries of beam search. With few rows
-      (greedy on one image) or many queries (training, the encoder) SDPA keeps the lead.
+      the explicit path's batched matrix products tie or win: 32 rows x 1 query over 144 regions 1.0,
+      the 3 grouped beam queries of 32 images 0.65, 96 beams over 20 cached keys 0.85 (32 rows over 20:
+      1.09, a wash). With few rows (greedy on one image: 2.9) or many queries (training, the encoder:
+      1.7) SDPA keeps the lead.
     CUDA always keeps the fused kernel.
     """
     if q.device.type != "cpu":

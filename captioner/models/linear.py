@@ -1,13 +1,14 @@
 """The model's linear layers, with the faster CPU kernel picked for inference.
 
 PyTorch sends a float32 `F.linear` on the CPU to MKL's sgemm. On this project's benchmark CPU (an AMD
-EPYC) oneDNN's float32 matrix product is ~2x faster at the row counts decoding runs at (3 to 96 rows:
-a decoder step of one image's beams up to 32 images x 3 beams) and ~1.3x at an encoder's thousands of
-rows, while MKL's matrix-vector product stays the faster one for a single row (greedy decoding of
-one image). Both are float32 and agree to rounding (~1e-6 relative). In bfloat16 (the encoder at
-`--precision auto`) both already run oneDNN; calling it directly lets GELU be fused into the product,
-which at the encoder's 4608 rows (32 images x 144 patches) takes 7.0 instead of 12.5 ms for
-Linear + GELU. `python benchmarks/bench_attention.py` prints the side-by-side figures ("linear_kernels").
+EPYC) oneDNN's float32 matrix product is the faster one from two rows up, and MKL's matrix-vector
+product stays the faster one for a single row (greedy decoding of one image). Side by side, calls
+interleaved (`python benchmarks/bench_attention.py`, "linear_kernels"): a decoder step's 19 products
+at 3 rows 0.77-0.89 of MKL's time, at 32 rows 0.93-0.95, at 96 rows 0.87-0.98, and an encoder product over
+4608 rows 0.82-0.89; the whole 20-step decoding loop at 3 / 32 / 96 rows 1.15x / 1.12x / 1.02x faster.
+Both are float32 and agree to rounding (~1e-6 relative). In bfloat16 (the encoder at `--precision
+auto`) both already run oneDNN; calling it directly lets GELU be fused into the product, which at the
+encoder's 4608 rows takes 7.0 instead of 12.5 ms for Linear + GELU.
 
 So `linear` takes oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU
 backend emits for linear layers) when no gradient is recorded, no autocast is active, and input and
