@@ -225,6 +225,7 @@ class LoadedRun:
     preprocess: Preprocess
     config: dict[str, Any]
     meta: dict[str, Any]
+    which: str = "best"  # the weights actually read: "last" also when `best` was asked for but never saved
 
 
 def load_run(run_dir: Path | str | None = None, *, which: str = "best", device: str = "cpu") -> LoadedRun:
@@ -248,10 +249,9 @@ def load_run(run_dir: Path | str | None = None, *, which: str = "best", device: 
             f"{run_dir / CONFIG}: vocabulary has {len(vocab)} words but the model expects "
             f"{model_config.vocab_size}"
         )
-    name = BEST if which == "best" else LAST
-    path = run_dir / name
+    path = run_dir / (BEST if which == "best" else LAST)
     if which == "best" and not path.exists() and (run_dir / LAST).exists():
-        path = run_dir / LAST  # a run stopped before its first validation still has its latest weights
+        path, which = run_dir / LAST, "last"  # a run stopped before its first validation has only its latest weights
     weights = load_weights(path)
     # Pretrained backbone files are only needed to *start* training; the run's own weights replace them.
     model_config.pretrained, model_config.backbone_weights = False, None
@@ -259,7 +259,7 @@ def load_run(run_dir: Path | str | None = None, *, which: str = "best", device: 
     check_state_dict(path, model, weights.model)
     model.load_state_dict(weights.model)
     model.to(device).eval()
-    return LoadedRun(run_dir, model, vocab, preprocess, config, weights.meta)
+    return LoadedRun(run_dir, model, vocab, preprocess, config, weights.meta, which)
 
 
 def check_state_dict(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

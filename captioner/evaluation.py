@@ -267,6 +267,6 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
     source = data or "synthetic world"
     search = "greedy" if settings.beam == 1 else f"beam {settings.beam}"
     encoder = str(captioner.dtype).replace("torch.", "")
-    title = (f"{captioner.run.run_dir} ({which}) on {source} ({split}, {len(samples)} images, {search}, "
+    title = (f"{captioner.run.run_dir} ({captioner.run.which}) on {source} ({split}, {len(samples)} images, {search}, "
              f"encoder {encoder})")
     return EvaluateResult(report, title, results_file)

@@ -109,6 +109,10 @@ def test_checkpoint_option_picks_best_or_last(trained_run: Path, samples: Path, 
     assert captions["best"] != captions["last"]
     evaluated = run("evaluate", "--model", run_dir, "--checkpoint", "last", "--limit", "2", "--no-java")
     assert evaluated.exit_code == 0 and "(last)" in evaluated.stdout, evaluated.output
+    (run_dir / checkpoint.BEST).unlink()  # stopped before its first validation: `best` falls back to last
+    assert checkpoint.load_run(run_dir).which == "last"
+    evaluated = run("evaluate", "--model", run_dir, "--limit", "2", "--no-java")
+    assert evaluated.exit_code == 0 and "(last)" in evaluated.stdout, evaluated.output
 
 
 def test_caption_missing_model_is_one_line(samples: Path, tmp_path: Path) -> None:
