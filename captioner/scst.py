@@ -20,7 +20,7 @@ from captioner import checkpoint
 from captioner.api import search_options
 from captioner.decoding import greedy, sample
 from captioner.errors import ConfigError
-from captioner.training import Event, TrainResult, autocast, resolve_device, resolve_precision
+from captioner.training import Event, TrainResult, autocast, resolve_device, resolve_precision, selection_score
 
 
 @dataclass
@@ -144,6 +144,9 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
     synthetic = train_options.get("data") is None
     train_samples = [s for s in samples if s.split == "train"]
     val_samples = [s for s in samples if s.split == "val"] or [s for s in samples if s.split == "test"]
+    # `best` is ranked as cross-entropy training ranks it: caption accuracy first where the scenes know
+    # their truth (SCST can raise CIDEr-D while making more false claims), CIDEr-D on a dataset.
+    knows_truth = bool(val_samples) and all(s.scene is not None for s in val_samples)
     # Document frequencies come from the training references, computed once.
     cider = CiderD([s.captions for s in train_samples])
     refs_by_id = {s.image_id: s.captions for s in train_samples}
@@ -152,7 +155,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
     config = dict(loaded.config)
     config["scst"] = {**asdict(cfg), "from_run": str(run_dir)}
     checkpoint.write_json(out / checkpoint.CONFIG, config)
-    # Start `best` at the cross-entropy weights: SCST keeps them unless validation CIDEr-D improves.
+    # Start `best` at the cross-entropy weights: SCST keeps them unless its validation ranks higher.
     checkpoint.save_weights(out / checkpoint.BEST, model, meta={"step": 0, "phase": "cross-entropy"})
 
     torch.manual_seed(cfg.seed)
@@ -171,7 +174,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
         return record
 
     best = validate(0)
-    best_score = best.get("CIDEr-D", 0.0)
+    best_score = selection_score(best, knows_truth)
     emit("start", {"run_dir": str(out), "device": str(device), "precision": str(dtype).replace("torch.", ""),
                    "steps": total, "start_step": 0, "parameters": sum(p.numel() for p in model.parameters()),
                    "train_images": len(dataset), "val_images": len(val_samples), "world": 1,
@@ -191,8 +194,8 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
                           "reward": stats["reward"], "images_per_s": images.shape[0] / stats["seconds"]})
             if (cfg.val_every and step % cfg.val_every == 0) or step >= total:
                 last = validate(step)
-                if last.get("CIDEr-D", 0.0) > best_score:
-                    best, best_score = last, last["CIDEr-D"]
+                if selection_score(last, knows_truth) > best_score:
+                    best, best_score = last, selection_score(last, knows_truth)
                     checkpoint.save_weights(out / checkpoint.BEST, model, meta=last)
             if step >= total:
                 break

@@ -299,3 +299,29 @@ def test_scheduled_sampling_mixes_only_real_positions() -> None:
     differs = (shifted != inputs) & ~pad_mask
     replaced = (mixed != inputs).sum()
     assert 0 < replaced < differs.sum()
+
+
+def test_scst_keeps_best_by_caption_accuracy_on_the_built_in_world(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranked like cross-entropy training: a validation that raises CIDEr-D but lowers accuracy is not best."""
+    from captioner import evaluation
+
+    scripted = iter([{"accuracy": 0.5, "CIDEr-D": 1.0},   # step 0: the cross-entropy weights
+                     {"accuracy": 0.4, "CIDEr-D": 3.0},   # step 1: CIDEr-D up, accuracy down
+                     {"accuracy": 0.6, "CIDEr-D": 0.5}])  # step 2: accuracy up
+
+    class Report:
+        def __init__(self, record: dict) -> None:
+            self.record = record
+
+        def summary(self) -> dict:
+            return self.record
+
+    monkeypatch.setattr(evaluation, "evaluate_samples", lambda *a, **k: Report(next(scripted)))
+    out = tmp_path / "scst"
+    cfg = SCSTConfig(max_steps=2, val_every=1, batch_size=4, samples=2, max_len=8, device="cpu", precision="fp32")
+    result = train_scst(tiny_run, cfg, out=out)
+    assert result.best["step"] == 2 and result.last["step"] == 2
+    assert checkpoint.load_weights(out / checkpoint.BEST).meta["step"] == 2
+    steps = [r["step"] for r in checkpoint.read_jsonl(out / checkpoint.METRICS)]
+    assert steps == [0, 1, 2]
