@@ -79,6 +79,12 @@ def decode_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabu
     return captions
 
 
+def knows_truth(samples: Sequence[Sample]) -> bool:
+    """Whether every sample is a scene of the built-in world (rendered, or read back from `data synth`
+    files), whose checker knows the truth of each claim: caption accuracy can then be scored."""
+    return bool(samples) and all(s.scene is not None for s in samples)
+
+
 def evaluate_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabulary, preprocess: Preprocess, *,
                      device: torch.device | str = "cpu", max_len: int = 30, settings: DecodeSettings | None = None,
                      batch_size: int = 64, java: bool | None = None, synthetic: bool = False,
@@ -255,8 +261,7 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
     samples = [s for s in run_samples(train_options, data=data, images=images, format=format) if s.split == split]
     if limit is not None:
         samples = samples[:limit]
-    # Scenes of the built-in world (rendered, or read back from `data synth` files) know their truth.
-    synthetic = bool(samples) and all(s.scene is not None for s in samples)
+    synthetic = knows_truth(samples)
     if not samples:
         raise DataError(f"the {split} split of {data or 'the synthetic world'} is empty")
     report = evaluate_samples(captioner.model, samples, captioner.vocab, captioner.preprocess,

@@ -127,7 +127,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
                on_event: Event | None = None) -> TrainResult:
     """Fine-tune a cross-entropy run with SCST into `out` (default: `<run_dir>-scst`)."""
     from captioner.data.dataset import CaptionDataset, make_loader
-    from captioner.evaluation import evaluate_samples, run_samples
+    from captioner.evaluation import evaluate_samples, knows_truth, run_samples
     from captioner.metrics import CiderD
 
     emit = on_event or (lambda kind, data: None)
@@ -146,7 +146,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
     val_samples = [s for s in samples if s.split == "val"] or [s for s in samples if s.split == "test"]
     # `best` is ranked as cross-entropy training ranks it: caption accuracy first where the scenes know
     # their truth (SCST can raise CIDEr-D while making more false claims), CIDEr-D on a dataset.
-    knows_truth = bool(val_samples) and all(s.scene is not None for s in val_samples)
+    ranks_by_accuracy = knows_truth(val_samples)
     # Document frequencies come from the training references, computed once.
     cider = CiderD([s.captions for s in train_samples])
     refs_by_id = {s.image_id: s.captions for s in train_samples}
@@ -174,7 +174,7 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
         return record
 
     best = validate(0)
-    best_score = selection_score(best, knows_truth)
+    best_score = selection_score(best, ranks_by_accuracy)
     emit("start", {"run_dir": str(out), "device": str(device), "precision": str(dtype).replace("torch.", ""),
                    "steps": total, "start_step": 0, "parameters": sum(p.numel() for p in model.parameters()),
                    "train_images": len(dataset), "val_images": len(val_samples), "world": 1,
@@ -194,8 +194,9 @@ def train_scst(run_dir: Path | str, cfg: SCSTConfig, *, out: Path | None = None,
                           "reward": stats["reward"], "images_per_s": images.shape[0] / stats["seconds"]})
             if (cfg.val_every and step % cfg.val_every == 0) or step >= total:
                 last = validate(step)
-                if selection_score(last, knows_truth) > best_score:
-                    best, best_score = last, selection_score(last, knows_truth)
+                score = selection_score(last, ranks_by_accuracy)
+                if score > best_score:
+                    best, best_score = last, score
                     checkpoint.save_weights(out / checkpoint.BEST, model, meta=last)
             if step >= total:
                 break

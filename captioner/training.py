@@ -295,6 +295,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
     from captioner.data.sources import check_images, load_samples
     from captioner.data.vocab import Vocabulary
     from captioner.evaluation import evaluate_samples
+    from captioner.evaluation import knows_truth as scenes_know_truth
     from captioner.models.captioner import CaptionModel
 
     emit = on_event or (lambda kind, data: None)
@@ -356,7 +357,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_eve
                               **cfg.extra)
         preprocess = Preprocess(image_size=model_config.image_size)
     synthetic = cfg.data is None
-    knows_truth = bool(val_samples) and all(s.scene is not None for s in val_samples)  # world scenes: accuracy
+    knows_truth = scenes_know_truth(val_samples)  # world scenes: `best` by accuracy
     transform = preprocess if synthetic else train_transform(preprocess)  # the world needs no augmenting
     most_captions = max(len(s.captions) for s in by_split["train"])
     train_set = CaptionDataset(by_split["train"], vocab, transform, max_len=cfg.max_len, mode="random",

@@ -317,8 +317,7 @@ class MultiHeadAttention(nn.Module):
         """`forward` for a decoding step, at inference: query (B, Tq, D) against a cache, on the parameters directly.
 
         A growing cache takes the new keys/values of `query` (self-attention); a frozen one is read as is
-        (cross-attention). No checks and no nn.Module calls, which cost a step more than its attention
-        at batch 1 (see DecoderLayer.step).
+        (cross-attention). No checks and no nn.Module calls (see DecoderLayer.step for what that saves).
         """
         B, Tq, D = query.shape
         q = linear(query, self.to_q.weight, self.to_q.bias).view(B, Tq, self.n_heads, self.d_head).transpose(1, 2)
