@@ -8,24 +8,14 @@ self-attention layers) is added as one more panel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from captioner.api import Caption, Captioner, DecodeSettings
+from captioner.api import Captioner, DecodeSettings
 from captioner.errors import ImageError
 from captioner.overlay import attention_rollout, check_layer, rollout_map, select_maps, write_attention
-
-
-@dataclass
-class Explained:
-    """One image's caption and the files that show its attention."""
-
-    path: Path
-    caption: Caption
-    files: dict[str, Path]
 
 
 def encoder_rollout(captioner: Captioner, batch: torch.Tensor) -> np.ndarray | None:
@@ -54,7 +44,7 @@ def explain_files(captioner: Captioner, paths: list[Path], settings: DecodeSetti
     failures: list[ImageError] = []
     for path in paths:
         try:
-            image = load_image(path)  # the original, EXIF-upright: overlays are drawn on this, not the crop
+            image = load_image(path)  # the original, EXIF-upright: overlays are drawn on this, not the squashed square
         except ImageError as err:
             failures.append(err)
             continue

@@ -179,8 +179,9 @@ def load_weights(path: Path) -> WeightsFile:
 
 
 def write_run_config(run_dir: Path, *, model_config: dict[str, Any], vocab: dict[str, Any],
-                     preprocess: dict[str, Any], train: dict[str, Any], data: dict[str, Any]) -> None:
-    """Write config.json: everything needed to rebuild the model, tokenizer and preprocessing."""
+                     preprocess: dict[str, Any], train: dict[str, Any], data: dict[str, Any],
+                     **sections: Any) -> None:
+    """Write config.json: everything needed to rebuild the model, tokenizer and preprocessing (+ `sections`)."""
     from captioner import __version__
 
     write_json(Path(run_dir) / CONFIG, {
@@ -191,6 +192,7 @@ def write_run_config(run_dir: Path, *, model_config: dict[str, Any], vocab: dict
         "preprocess": preprocess,
         "train": train,
         "data": data,
+        **sections,
     })
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from captioner import __version__
+from captioner.config import PRECISION_HELP, Baseline, Device, Encoder, Format, Precision, Preset, Schedule, Score
 from captioner.errors import CaptionerError, ConfigError
 
 app = typer.Typer(
@@ -31,57 +32,6 @@ app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
-
-
-class Encoder(str, Enum):
-    vit = "vit"
-    cnn = "cnn"
-
-
-class Preset(str, Enum):
-    tiny = "tiny"
-    small = "small"
-    base = "base"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Schedule(str, Enum):
-    inverse_sqrt = "inverse_sqrt"
-    cosine = "cosine"
-
-
-class Score(str, Enum):
-    dot = "dot"
-    scaled_dot = "scaled_dot"
-    general = "general"
-    additive = "additive"
-
-
-class Format(str, Enum):
-    auto = "auto"
-    coco = "coco"
-    karpathy = "karpathy"
-    flickr8k = "flickr8k"
-    csv = "csv"
-    jsonl = "jsonl"
-
-
-class Baseline(str, Enum):
-    mean = "mean"
-    greedy = "greedy"
 
 
 class Which(str, Enum):
@@ -159,24 +109,6 @@ def root(
 # ----------------------------------------------------------------------------- train
 
 
-def _load_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:
-        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a table of options at the top level")
-    return data
-
-
 def _parse_set(items: list[str]) -> dict[str, Any]:
     """--set d_model=256 --set norm_first=false -> typed model overrides."""
     out: dict[str, Any] = {}
@@ -219,8 +151,7 @@ def train(
     grad_clip: Annotated[float | None, typer.Option(min=0.0)] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[Device | None, typer.Option()] = None,
-    precision: Annotated[Precision | None, typer.Option(
-        help="auto = bf16 where the GPU or CPU computes it natively; fp16 needs CUDA.")] = None,
+    precision: Annotated[Precision | None, typer.Option(help=PRECISION_HELP)] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     val_every: Annotated[int | None, typer.Option(min=1, help="Validate every N steps (default: each epoch).")] = None,
     early_stop: Annotated[int | None, typer.Option(min=1, help="Stop after N validations without gain.")] = None,
@@ -250,94 +181,39 @@ def train(
     """Train a captioning model (on the built-in synthetic world unless --data is given)."""
     import time
 
-    from captioner.config import TrainConfig
+    from captioner import checkpoint, training
+    from captioner.config import resolve
 
-    options: dict[str, Any] = {}
-    if config is not None:
-        options.update(_load_config_file(config))
-    model_overrides = dict(options.pop("model", {}) or {})
     cli = dict(encoder=encoder, preset=preset, data=data, images=images, format=format, epochs=epochs,
                time_limit=time_limit, max_steps=max_steps, batch_size=batch_size,
                captions_per_image=captions_per_image, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
                scheduled_sampling=scheduled_sampling, workers=workers)
-    options.update({k: (v.value if isinstance(v, Enum) else v) for k, v in cli.items() if v is not None})
     model_cli = dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
                      pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
-                     freeze_backbone=freeze_backbone, cross_score=cross_score.value if cross_score else None,
-                     vit_backbone=vit_backbone, vit_pos=vit_pos, cls_token=cls_token)
-    model_overrides.update({k: v for k, v in model_cli.items() if v is not None})
-    model_overrides.update(_parse_set(set_ or []))
-
+                     freeze_backbone=freeze_backbone, cross_score=cross_score, vit_backbone=vit_backbone,
+                     vit_pos=vit_pos, cls_token=cls_token, **_parse_set(set_ or []))
     if not scst and (scst_samples is not None or scst_baseline is not None):
         raise ConfigError("--scst-samples and --scst-baseline only apply with --scst")
-    if scst:
-        if resume is None:
-            raise ConfigError("--scst fine-tunes a trained run: give it with --resume RUN_DIR")
-        from captioner.scst import SCSTConfig, train_scst
-
-        # SCST fine-tunes the run as it is: an option it has no use for is refused, never silently dropped.
-        def flags(names: list[str]) -> str:
-            return ", ".join("--" + k.replace("_", "-") for k in names)
-
-        used = [k for k in cli if k in SCSTConfig.__dataclass_fields__] + ["scst_samples", "scst_baseline"]
-        unused = [k for k, v in cli.items() if v is not None and k not in used]
-        unused += [k for k, v in model_cli.items() if v is not None] + (["set"] if set_ else [])
-        if unused:
-            raise ConfigError(f"{flags(unused)}: not used by --scst, which fine-tunes {resume} as it is "
-                              f"(its options: {flags(used)})")
-        scst_options = {k: v for k, v in options.items() if k in SCSTConfig.__dataclass_fields__}
-        scst_cli = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None)
-        scst_options.update({k: v for k, v in scst_cli.items() if v is not None})
-        view = _TrainView()
-        try:
-            result = train_scst(resume, SCSTConfig(**scst_options), out=out, on_event=view.on_event)
-        finally:
-            view.close()
-        return _print_result(result)
-
-    if resume is not None:
-        from captioner.checkpoint import read_run_config
-
-        saved = dict(read_run_config(resume).get("train", {}))
-        saved.update(options)  # the command line may extend a run (--epochs, --max-steps) or change device
-        options = saved
-        run_dir = resume
-        if model_overrides:
-            raise ConfigError("a resumed run keeps its model; drop the model options (--set, --image-size ...)")
-    else:
-        extra = dict(options.get("extra", {}) or {})
-        extra.update(model_overrides)
-        options["extra"] = extra
-        run_dir = out or Path("runs") / f"{options.get('encoder', 'vit')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    known = set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown training options: {', '.join(unknown)}")
-    cfg = TrainConfig(**options)
-    _validate_train(cfg)
-
-    from captioner.training import train as run_training
-
+    if scst and resume is None:
+        raise ConfigError("--scst fine-tunes a trained run: give it with --resume RUN_DIR")
+    saved = checkpoint.read_run_config(resume) if resume is not None else None
+    scst_options = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None) if scst else None
+    resolved = resolve(cli=cli, model_cli=model_cli, config_file=config, saved=saved, scst=scst_options)
     view = _TrainView()
     try:
-        result = run_training(cfg, run_dir, resume=resume is not None, on_event=view.on_event,
-                              skip_bad_images=skip_bad_images)
+        if resolved.scst is not None:
+            from captioner.scst import train_scst
+
+            result = train_scst(resume, resolved.train, resolved.scst, out=out, on_event=view.on_event)
+        else:
+            run_dir = resume or out or Path("runs") / f"{resolved.train.encoder}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result = training.train(resolved.train, run_dir, resume=resume is not None, on_event=view.on_event,
+                                    skip_bad_images=skip_bad_images)
     finally:
         view.close()
     _print_result(result)
-
-
-def _validate_train(cfg: Any) -> None:
-    """Refuse option values that cannot work, before any data is read."""
-    from captioner.config import ModelConfig, preset
-
-    if cfg.encoder not in ("vit", "cnn"):
-        raise ConfigError(f"--encoder must be vit or cnn, got {cfg.encoder!r}")
-    # Build the model config once (vocab size is a placeholder) so shape errors surface now.
-    base = preset(cfg.preset, encoder=cfg.encoder, **cfg.extra)
-    ModelConfig.from_dict(base.to_dict())
 
 
 class _TrainView:
@@ -419,8 +295,7 @@ Checkpoint = Annotated[Which, typer.Option(
     "--checkpoint", help="best (kept by validation) or last (the latest weights) of the run.")]
 Beam = Annotated[int, typer.Option(min=1, max=64, help="Beam size (1 = greedy).")]
 MaxLen = Annotated[int, typer.Option(min=1, max=500, help="Longest caption in tokens.")]
-InferPrecision = Annotated[Precision, typer.Option(
-    "--precision", help="Encoder precision: auto = bf16 where the GPU or CPU computes it natively.")]
+InferPrecision = Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP)]
 
 
 @app.command()

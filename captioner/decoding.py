@@ -1,4 +1,5 @@
-"""Auto-regressive decoding over `CaptionModel.step`: greedy, beam search and sampling.
+"""Auto-regressive decoding over `CaptionModel.step`: greedy, beam search and sampling, and `decode_batch`,
+the one place that turns `DecodeSettings` into a search and token ids into `Caption`s.
 
 Every search encodes the images once, precomputes each decoder layer's cross-attention keys/values once
 (`model.start`), then feeds one token per step while the self-attention KV caches grow. Beam search
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from captioner.data.vocab import Vocabulary
+from captioner.errors import ConfigError
 from captioner.models.captioner import CaptionModel
 
 
@@ -78,7 +81,7 @@ def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
         alive &= tokens != opts.eos_id
         if not alive.any():
             break
-    return _hypotheses(out, logprob, logprob, opts.eos_id, crosses, encoded.grid)
+    return _hypotheses(out, logprob, opts.eos_id, crosses, encoded.grid)
 
 
 @torch.inference_mode()
@@ -100,7 +103,7 @@ def naive_greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions)
         alive &= tokens != opts.eos_id
         if not alive.any():
             break
-    return _hypotheses(prefix[:, 1:], logprob, logprob, opts.eos_id, [])
+    return _hypotheses(prefix[:, 1:], logprob, opts.eos_id, [])
 
 
 @torch.inference_mode()
@@ -251,7 +254,7 @@ def sample(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, n:
         alive &= tokens != opts.eos_id
         if not alive.any():
             break
-    flat = _hypotheses(out, logprob, logprob, opts.eos_id, [])
+    flat = _hypotheses(out, logprob, opts.eos_id, [])
     return [flat[i * n:(i + 1) * n] for i in range(B)]
 
 
@@ -270,9 +273,9 @@ def filter_logits(logp: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> 
     return logp
 
 
-def _hypotheses(out: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor, eos_id: int,
-                crosses: list[torch.Tensor], grid: tuple[int, int] | None = None) -> list[Hypothesis]:
-    """Cut each row at its first <eos> and package it (with its per-token attention when recorded)."""
+def _hypotheses(out: torch.Tensor, logprob: torch.Tensor, eos_id: int, crosses: list[torch.Tensor],
+                grid: tuple[int, int] | None = None) -> list[Hypothesis]:
+    """Cut each row at its first <eos> and package it, ranked by its logprob (with its attention when recorded)."""
     rows = out.tolist()
     cross = torch.stack(crosses, dim=0) if crosses else None  # (T, L, B, H, N)
     results = []
@@ -283,5 +286,76 @@ def _hypotheses(out: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor, e
             # one map per generated word, plus the step that produced <eos> when there is one
             steps = min(length + 1, cross.shape[0])
             weights = cross[:steps, :, b]  # (T, L, H, N)
-        results.append(Hypothesis(row[:length], float(logprob[b]), float(score[b]), weights, grid))
+        results.append(Hypothesis(row[:length], float(logprob[b]), float(logprob[b]), weights, grid))
     return results
+
+
+# ----------------------------------------------------------------------------- settings -> captions
+
+
+@dataclass
+class Caption:
+    """A caption of one image: its words, its log-probability, and optionally where it looked."""
+
+    text: str
+    words: list[str]
+    logprob: float
+    score: float  # what the search ranked by (equals logprob unless a length penalty was used)
+    cross: torch.Tensor | None = None  # (T, L, H, N) decoder cross-attention per word (+ <eos> step)
+    grid: tuple[int, int] | None = None  # (h, w): N = h*w regions of the encoder
+
+
+@dataclass
+class DecodeSettings:
+    """How to search for captions; validated before any work starts."""
+
+    beam: int = 1
+    max_len: int = 30
+    length_penalty: float = 0.0
+    no_repeat_ngram: int = 0
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.beam <= 64:
+            raise ConfigError(f"--beam must be between 1 and 64, got {self.beam}")
+        if not 1 <= self.max_len <= 500:
+            raise ConfigError(f"--max-len must be between 1 and 500, got {self.max_len}")
+        if self.no_repeat_ngram < 0:
+            raise ConfigError(f"--no-repeat-ngram must be >= 0, got {self.no_repeat_ngram}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def search_options(vocab: Vocabulary, max_len: int) -> SearchOptions:
+    """Search options with the vocabulary's named specials (<bos> starts, <eos> ends, <pad>/<unk> banned)."""
+    return SearchOptions(bos_id=vocab.bos_id, eos_id=vocab.eos_id, max_len=max_len, pad_id=vocab.pad_id,
+                         unk_id=vocab.unk_id)
+
+
+def decode_batch(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor,
+                 settings: DecodeSettings | None = None, *, need_weights: bool = False) -> list[Caption]:
+    """The one place that turns settings into a search: sampling, greedy, or beam search over images (B, 3, S, S)."""
+    settings = settings or DecodeSettings()
+    opts = search_options(vocab, settings.max_len)
+    if settings.sample:
+        g = torch.Generator(device=images.device).manual_seed(settings.seed)
+        hyps = [h[0] for h in sample(model, images, opts, temperature=settings.temperature, top_k=settings.top_k,
+                                     top_p=settings.top_p, generator=g)]
+    elif settings.beam == 1 and settings.no_repeat_ngram == 0:
+        hyps = greedy(model, images, opts, need_weights=need_weights)
+    else:
+        hyps = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
+                           no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights)
+    captions = []
+    for h in hyps:
+        text = vocab.decode(h.tokens)  # specials are never generated, so words align with h.cross
+        captions.append(Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid))
+    return captions

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from captioner.api import Caption, DecodeSettings, decode_batch
+from captioner.api import Captioner
+from captioner.checkpoint import write_json
+from captioner.data.images import to_tensor_batch
+from captioner.data.sources import load_samples, sample_image
+from captioner.decoding import Caption, DecodeSettings, decode_batch
 from captioner.errors import DataError
 
 if TYPE_CHECKING:
@@ -66,9 +70,6 @@ def decode_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabu
                    device: torch.device | str = "cpu", settings: DecodeSettings | None = None,
                    batch_size: int = 64, need_weights: bool = False) -> list[Caption]:
     """Caption every sample (rendered scene or image file), in order."""
-    from captioner.data.images import to_tensor_batch
-    from captioner.data.sources import sample_image
-
     was_training = model.training
     model.eval()
     captions: list[Caption] = []
@@ -210,8 +211,6 @@ def read_predictions(path: Path) -> dict[str, str]:
 
 def write_predictions(path: Path, predictions: dict[str, str]) -> None:
     """Save captions in the COCO results format (numeric ids written as numbers, as COCO tools expect)."""
-    from captioner.checkpoint import write_json
-
     write_json(path, [{"image_id": int(k) if k.isdigit() else k, "caption": v} for k, v in predictions.items()])
 
 
@@ -221,8 +220,6 @@ WORLD_OPTIONS = ("synth_train", "synth_val", "synth_test", "synth_max_objects", 
 def run_samples(train_options: dict[str, Any], *, data: str | None = None, images: str | None = None,
                 format: str = "auto") -> list[Sample]:
     """The samples a run was trained on, rebuilt from its stored training options (or `data` instead)."""
-    from captioner.data.sources import load_samples
-
     if data is None and train_options.get("data") is not None:
         data, images = train_options["data"], images or train_options.get("images")
         format = train_options.get("format", format)
@@ -235,8 +232,6 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
                  java: bool | None, out: Path | None, device: str, precision: str = "auto",
                  which: str = "best") -> EvaluateResult:
     """Evaluate a run on a split (default: the data it was trained on), or score a predictions file."""
-    from captioner.data.sources import load_samples
-
     if predictions is not None:
         if data is None:
             raise DataError("--predictions needs --data with the reference captions")
@@ -252,8 +247,6 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
         if missing:
             report.notes.append(f"{len(missing)} images of the {split} split have no prediction; scored the rest")
         return EvaluateResult(report, f"{predictions} on {data} ({split}, {len(predicted)} images)")
-
-    from captioner.api import Captioner
 
     captioner = Captioner.load(model, which=which, device=device, precision=precision)
     run_config = captioner.run.config

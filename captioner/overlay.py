@@ -3,7 +3,7 @@
 Pure functions of (PIL image, words, attention weights) -> PIL images and files; no model code and no
 matplotlib. Maps are (T, h, w) (one per word) or (T, H, h, w) (one per word and head) over the encoder grid,
 which covers the whole image; they are stretched over the image's own size and aspect ratio, so pass the
-original EXIF-upright image rather than the square crop the model saw. Also Abnar & Zuidema's attention
+original EXIF-upright image rather than the squashed square the model saw. Also Abnar & Zuidema's attention
 rollout for the ViT encoder's self-attention.
 """
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from captioner import checkpoint, metrics, scst
 from captioner.cli import app
+from captioner.config import SCSTConfig, TrainConfig, resolve
 from captioner.data.images import Preprocess
 from captioner.data.sources import load_samples
 from captioner.data.vocab import Vocabulary
@@ -21,7 +22,7 @@ from captioner.errors import ConfigError
 from captioner.evaluation import run_samples
 from captioner.metrics import CiderD, ptb_tokenize
 from captioner.models.captioner import CaptionModel
-from captioner.scst import SCSTConfig, advantages, scst_step, sequence_logprobs, train_scst
+from captioner.scst import advantages, scst_loss, sequence_logprobs, train_scst
 from captioner.training import _scheduled_sampling, caption_loss, train
 
 from .conftest import tiny_model_config, tiny_train_config
@@ -34,6 +35,12 @@ def _world(n: int, seed: int = 0) -> tuple[Vocabulary, torch.Tensor, list[list[s
     preprocess = Preprocess(image_size=48)
     images = torch.stack([preprocess(s.scene.render()) for s in samples])
     return vocab, images, [s.captions for s in samples]
+
+
+def _scst_options(run: Path, **options: object) -> TrainConfig:
+    """The training options `captioner train --scst --resume RUN` would resolve, with `options` given."""
+    saved = checkpoint.read_run_config(run)
+    return resolve(cli={"device": "cpu", "precision": "fp32", **options}, model_cli={}, saved=saved, scst={}).train
 
 
 def _model(vocab: Vocabulary, *, seed: int = 0) -> CaptionModel:
@@ -162,12 +169,15 @@ def test_scst_steps_raise_the_expected_reward_on_a_fixed_batch(monkeypatch: pyte
     cider = _SpyCiderD(refs)
     # 4 images x 100 samples: the mean's standard error is about 0.03; SCST gains 0.1 to 0.4 here.
     before = _mean_reward(model, images, refs, vocab, cider, n=100)
-    cfg = SCSTConfig(samples=16, lr=2e-3, max_len=20)
-    optimizer = torch.optim.AdamW(model.parameter_groups(0.0), lr=cfg.lr)
+    cfg = SCSTConfig(samples=16)
+    optimizer = torch.optim.AdamW(model.parameter_groups(0.0), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
-        stats = scst_step(model, optimizer, images, refs, cider, vocab, cfg, generator=generator)
-        assert 0.0 <= stats["reward_share"] <= 1.0 and stats["reward"] >= 0.0
+        loss, stats = scst_loss(model, images, refs, cider, vocab, cfg, max_len=20, generator=generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert stats["reward"] >= 0.0
     # Each image's samples (image-major) were scored against that image's references.
     expected_refs = [refs[j // cfg.samples] for j in range(len(refs) * cfg.samples)]
     assert [refs_list for _, refs_list, _ in cider.calls[1:]] == [expected_refs] * 20  # calls[0]: `before`
@@ -184,8 +194,8 @@ def test_reward_is_pycocoevalcap_cider_with_training_document_frequencies(
     monkeypatch.setattr(scst, "CiderD", _SpyCiderD, raising=False)  # in case it is ever imported at the top
     monkeypatch.setattr(_SpyCiderD, "built", [])
     steps: list[dict] = []
-    cfg = SCSTConfig(max_steps=2, batch_size=4, samples=3, max_len=12, device="cpu", precision="fp32")
-    train_scst(tiny_run, cfg, out=tmp_path / "scst",
+    cfg, scst_cfg = _scst_options(tiny_run, max_steps=2, batch_size=4, max_len=12), SCSTConfig(samples=3)
+    train_scst(tiny_run, cfg, scst_cfg, out=tmp_path / "scst",
                on_event=lambda kind, data: steps.append(data) if kind == "step" else None)
 
     samples = run_samples(checkpoint.read_run_config(tiny_run)["train"])
@@ -197,10 +207,11 @@ def test_reward_is_pycocoevalcap_cider_with_training_document_frequencies(
     assert len(train_samples) < len(samples)
     assert len(cider.calls) == len(steps) == 2
     for (texts, refs_list, rewards), step in zip(cider.calls, steps, strict=True):
-        assert len(texts) == cfg.batch_size * cfg.samples
+        assert len(texts) == cfg.batch_size * scst_cfg.samples
         assert all(refs in refs_by_id.values() for refs in refs_list)  # each sample against its image's refs
-        assert all(refs_list[j] == refs_list[j - j % cfg.samples] for j in range(len(refs_list)))  # image-major
+        assert all(refs_list[j] == refs_list[j - j % scst_cfg.samples] for j in range(len(refs_list)))  # image-major
         assert step["reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+        assert 0.0 < step["reward_share"] < 1.0
 
     # pycocoevalcap's Cider over the whole training set (so its document frequencies are the same) gives
     # the same reward to each scored caption, PTB-tokenized as in the COCO pipeline (samples may hold ":").
@@ -229,9 +240,10 @@ def test_cli_scst_resume_writes_a_new_run_and_keeps_the_source(tiny_run: Path, t
                                  "--scst-baseline", "greedy", "--device", "cpu", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     config = json.loads((out / checkpoint.CONFIG).read_text())
-    options = config["scst"]  # the command line's options reached SCSTConfig
-    assert (options["max_steps"], options["batch_size"], options["samples"], options["baseline"]) == \
-        (3, 4, 3, "greedy")
+    options = config["scst"]  # the command line's options reached SCSTConfig and the run's TrainConfig
+    assert (config["train"]["max_steps"], config["train"]["batch_size"], options["samples"], options["baseline"]) \
+        == (3, 4, 3, "greedy")
+    assert config["train"]["lr"] == 2e-5  # SCST's own default, not the cross-entropy run's
     assert options["from_run"] == str(tiny_run)
     loaded = checkpoint.load_run(out)
     assert loaded.vocab.to_dict() == config["vocab"]
@@ -247,7 +259,7 @@ def test_cli_scst_resume_writes_a_new_run_and_keeps_the_source(tiny_run: Path, t
     (["--scst-samples", "3"], "only apply with --scst"),
     (["--scst", "--resume", "RUN", "--scst-samples", "1"], "at least 2 samples"),
     (["--scst", "--resume", "RUN", "--label-smoothing", "0.1", "--set", "d_model=64"],
-     "--label-smoothing, --set: not used by --scst"),
+     "--label-smoothing, --d-model: not used by --scst"),
 ])
 def test_cli_scst_refuses_bad_options(args: list[str], message: str, tiny_run: Path) -> None:
     result = runner.invoke(app, ["train", *[str(tiny_run) if a == "RUN" else a for a in args]])
@@ -319,8 +331,8 @@ def test_scst_keeps_best_by_caption_accuracy_on_the_built_in_world(
 
     monkeypatch.setattr(evaluation, "evaluate_samples", lambda *a, **k: Report(next(scripted)))
     out = tmp_path / "scst"
-    cfg = SCSTConfig(max_steps=2, val_every=1, batch_size=4, samples=2, max_len=8, device="cpu", precision="fp32")
-    result = train_scst(tiny_run, cfg, out=out)
+    cfg = _scst_options(tiny_run, max_steps=2, val_every=1, batch_size=4, max_len=8)
+    result = train_scst(tiny_run, cfg, SCSTConfig(samples=2), out=out)
     assert result.best["step"] == 2 and result.last["step"] == 2
     assert checkpoint.load_weights(out / checkpoint.BEST).meta["step"] == 2
     steps = [r["step"] for r in checkpoint.read_jsonl(out / checkpoint.METRICS)]

@@ -274,12 +274,12 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("native", "want"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native: bool, want) -> None:
-    from captioner import training
+    from captioner import runtime
 
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
-    assert training.resolve_precision("auto", torch.device("cpu")) == want
-    assert training.resolve_precision("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
-    assert training.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == want
+    assert runtime.resolve_precision("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
+    assert runtime.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_bf16_autocast_training_learns_on_cpu(tmp_path: Path) -> None:

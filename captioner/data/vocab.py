@@ -20,9 +20,6 @@ from captioner.errors import DataError
 _APOSTROPHES = re.compile(r"['\u2019\u2018`]")
 _TOKEN = re.compile(r"[^\W_]+|[,:]")  # runs of letters/digits (any script), or a kept separator
 
-KEPT_PUNCTUATION = (",", ":")
-
-
 def tokenize(text: str) -> list[str]:
     """Lower-cased words (letters and digits) plus "," and ":" as tokens; all other punctuation dropped."""
     text = unicodedata.normalize("NFKC", text).lower()

@@ -1,0 +1,175 @@
+"""The bottom floor of training, inference and evaluation: device, precision, autocast, processes, RNG state.
+
+Nothing here knows about models or data, so every layer above may import it. Each precision word
+has one meaning (config.PRECISION_HELP), resolved here into a `PrecisionPlan` that training and
+inference both read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from captioner.config import DEVICES, PRECISIONS
+from captioner.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda, then mps, then cpu; an explicit device that is not there is an error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    if (name == "cuda" or name.startswith("cuda:")) and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    if name == "mps" and not has_mps:
+        raise ConfigError("--device mps: no MPS device is available")
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); read from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a precision word names on `device` (config.PRECISION_HELP); auto picks bf16 where it is native."""
+    if name == "auto":
+        native = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or \
+                 (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device (use bf16 or fp32 on this device)")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What runs in which dtype, for one precision word on one device (config.PRECISION_HELP in words)."""
+
+    dtype: torch.dtype  # the reduced type, or float32
+
+    @property
+    def train_autocast(self) -> torch.dtype:
+        """Autocast dtype of training's forward passes (weights stay float32)."""
+        return self.dtype
+
+    @property
+    def encoder(self) -> torch.dtype:
+        """Dtype the encoder's weights are stored in at inference (compute-bound at every batch size)."""
+        return self.dtype
+
+    @property
+    def decoder(self) -> torch.dtype:
+        """Dtype of the decoder at inference: float32, since a decoding step is bound by reading weights."""
+        return torch.float32
+
+    @property
+    def name(self) -> str:
+        """The short word for the dtype (fp32, bf16, fp16)."""
+        return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+
+def precision_plan(name: str, device: torch.device) -> PrecisionPlan:
+    """Resolve a precision word (auto, fp32, bf16, fp16) on `device` into its plan."""
+    return PrecisionPlan(resolve_precision(name, device))
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """The mixed-precision context for forward passes (a no-op for fp32)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands in a torchrun job (world 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes files and reports."""
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a no-op when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist  # only under torchrun: a single process never pays for it
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return Dist(rank, world, local_rank)
+
+
+def close_distributed(dist_info: Dist) -> None:
+    """Wait for every rank, then leave the process group (a no-op when run alone)."""
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_mean(value: float, dist_info: Dist) -> float:
+    """Average a scalar over all processes."""
+    if dist_info.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist_info.world
+
+
+# ----------------------------------------------------------------------------- random state
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU and every CUDA device's generator state (saved in checkpoints for an exact resume)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_state` returned (devices it does not mention keep theirs)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in state:
+                torch.cuda.set_rng_state(state[f"cuda{i}"], i)
