@@ -31,6 +31,8 @@ data_app = typer.Typer(help="Look at and prepare datasets: write the built-in wo
 app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
+ImageDir = Annotated[str | None, typer.Option("--images", help="Image folder for the dataset's relative paths.")]
+Patterns = Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, directories or glob patterns.")]
 _state = {"debug": False}
 
 
@@ -130,7 +132,7 @@ def train(
     preset: Annotated[Preset | None, typer.Option(help="Model size preset.")] = None,
     data: Annotated[str | None, typer.Option(help="Dataset annotations (COCO/Karpathy JSON, Flickr8k token "
                                                   "file, CSV, JSONL). Default: the built-in synthetic world.")] = None,
-    images: Annotated[str | None, typer.Option(help="Image folder for the dataset's relative paths.")] = None,
+    image_dir: ImageDir = None,
     format: Annotated[Format | None, typer.Option(help="Dataset format (auto-detected by default).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<encoder>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
@@ -184,7 +186,7 @@ def train(
     from captioner import checkpoint, training
     from captioner.config import resolve
 
-    cli = dict(encoder=encoder, preset=preset, data=data, images=images, format=format, epochs=epochs,
+    cli = dict(encoder=encoder, preset=preset, data=data, image_dir=image_dir, format=format, epochs=epochs,
                time_limit=time_limit, max_steps=max_steps, batch_size=batch_size,
                captions_per_image=captions_per_image, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
@@ -301,7 +303,7 @@ InferPrecision = Annotated[Precision, typer.Option("--precision", help=PRECISION
 @app.command()
 @user_errors
 def caption(
-    images: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
+    patterns: Patterns,
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
     beam: Beam = 1,
@@ -324,7 +326,7 @@ def caption(
     settings = DecodeSettings(beam=beam, max_len=max_len, length_penalty=length_penalty,
                               no_repeat_ngram=no_repeat_ngram, sample=sample, temperature=temperature,
                               top_k=top_k, top_p=top_p, seed=seed)
-    paths, problems = collect_images(images)
+    paths, problems = collect_images(patterns)
     for problem in problems:
         _err(str(problem))
     if not paths:
@@ -358,7 +360,7 @@ def caption(
 @app.command()
 @user_errors
 def attend(
-    images: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.")],
+    patterns: Patterns,
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: beside each image).")] = None,
@@ -379,7 +381,7 @@ def attend(
     if heads not in ("mean", "all"):
         raise ConfigError(f"--heads must be mean or all, got {heads!r}")
     settings = DecodeSettings(beam=beam, max_len=max_len)
-    paths, problems = collect_images(images)
+    paths, problems = collect_images(patterns)
     for problem in problems:
         _err(str(problem))
     if not paths:
@@ -409,7 +411,7 @@ def evaluate(
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
     data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
-    images: Annotated[str | None, typer.Option(help="Image folder for the dataset's relative paths.")] = None,
+    image_dir: ImageDir = None,
     format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
     split: Annotated[Split, typer.Option(help="Which split to decode.")] = Split.test,
     predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file instead of a model.")] = None,
@@ -429,7 +431,7 @@ def evaluate(
     from captioner.evaluation import run_evaluate
 
     settings = DecodeSettings(beam=beam, max_len=max_len)
-    result = run_evaluate(model=model, data=data, images=images, format=format.value, split=split.value,
+    result = run_evaluate(model=model, data=data, image_dir=image_dir, format=format.value, split=split.value,
                           predictions=predictions, settings=settings, limit=limit, batch_size=batch_size,
                           java=java, out=out, device=device.value, precision=precision.value,
                           which=checkpoint_.value)
@@ -477,7 +479,7 @@ def data_synth(
 @user_errors
 def data_check(
     data: Annotated[str, typer.Option(help="Dataset annotations file.")],
-    images: Annotated[str | None, typer.Option(help="Image folder.")] = None,
+    image_dir: Annotated[str | None, typer.Option("--images", help="Image folder.")] = None,
     format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
     min_count: Annotated[int, typer.Option(min=1, help="Minimum word count for the vocabulary.")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -485,7 +487,7 @@ def data_check(
     """Dry run: images found/missing, captions per image, lengths, vocabulary size, split sizes."""
     from captioner.data.sources import dataset_report, load_samples
 
-    samples = load_samples(data, images=images, format=format.value)
+    samples = load_samples(data, image_dir=image_dir, format=format.value)
     report = dataset_report(samples, vocab_min_count=min_count)
     if json_out:
         typer.echo(json.dumps(report, default=str))

@@ -187,6 +187,9 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+# Training options saved under an earlier name by older runs, so they still resume: old name -> new name.
+RENAMED = {"images": "image_dir"}
+
 # Model fields that are not options: the vocabulary sets them when a run starts.
 FROM_VOCABULARY = ("vocab_size", "pad_id")
 
@@ -198,7 +201,7 @@ class TrainConfig:
     preset: str = "tiny"
     encoder: str = "vit"
     data: str | None = None  # None = the built-in synthetic world
-    images: str | None = None  # image folder for datasets whose annotations hold relative paths
+    image_dir: str | None = None  # image folder for datasets whose annotations hold relative paths (--images)
     format: str = "auto"
     epochs: int | None = None  # None: DEFAULT_STEPS on the built-in world, 10 epochs on a dataset
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs when set)
@@ -287,6 +290,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict of options; unknown keys are an error, not silently dropped."""
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown training options: {', '.join(unknown)}")

@@ -217,17 +217,18 @@ def write_predictions(path: Path, predictions: dict[str, str]) -> None:
 WORLD_OPTIONS = ("synth_train", "synth_val", "synth_test", "synth_max_objects", "seed")
 
 
-def run_samples(train_options: dict[str, Any], *, data: str | None = None, images: str | None = None,
+def run_samples(train_options: dict[str, Any], *, data: str | None = None, image_dir: str | None = None,
                 format: str = "auto") -> list[Sample]:
     """The samples a run was trained on, rebuilt from its stored training options (or `data` instead)."""
     if data is None and train_options.get("data") is not None:
-        data, images = train_options["data"], images or train_options.get("images")
+        saved_dir = train_options.get("image_dir", train_options.get("images"))  # "images": older runs' name
+        data, image_dir = train_options["data"], image_dir or saved_dir
         format = train_options.get("format", format)
     world = {k: train_options[k] for k in WORLD_OPTIONS if k in train_options}
-    return load_samples(data, images=images, format=format, **world)
+    return load_samples(data, image_dir=image_dir, format=format, **world)
 
 
-def run_evaluate(*, model: Path | None, data: str | None, images: str | None, format: str, split: str,
+def run_evaluate(*, model: Path | None, data: str | None, image_dir: str | None, format: str, split: str,
                  predictions: Path | None, settings: DecodeSettings, limit: int | None, batch_size: int,
                  java: bool | None, out: Path | None, device: str, precision: str = "auto",
                  which: str = "best") -> EvaluateResult:
@@ -235,7 +236,7 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
     if predictions is not None:
         if data is None:
             raise DataError("--predictions needs --data with the reference captions")
-        samples = [s for s in load_samples(data, images=images, format=format) if s.split == split]
+        samples = [s for s in load_samples(data, image_dir=image_dir, format=format) if s.split == split]
         predicted = read_predictions(predictions)
         by_id = {s.image_id: s for s in samples}
         unknown = [k for k in predicted if k not in by_id]
@@ -251,7 +252,7 @@ def run_evaluate(*, model: Path | None, data: str | None, images: str | None, fo
     captioner = Captioner.load(model, which=which, device=device, precision=precision)
     run_config = captioner.run.config
     train_options = run_config.get("train", {})
-    samples = [s for s in run_samples(train_options, data=data, images=images, format=format) if s.split == split]
+    samples = [s for s in run_samples(train_options, data=data, image_dir=image_dir, format=format) if s.split == split]
     if limit is not None:
         samples = samples[:limit]
     synthetic = knows_truth(samples)

@@ -323,7 +323,7 @@ def load_data(cfg: TrainConfig, saved: dict[str, Any] | None, emit: Event, *,
 
 def _samples_by_split(cfg: TrainConfig, emit: Event, skip_bad_images: bool) -> dict[str, list[Sample]]:
     """The dataset's samples (or the built-in world's) by split, unusable images refused or skipped."""
-    samples = load_samples(cfg.data, images=cfg.images, format=cfg.format, synth_train=cfg.synth_train,
+    samples = load_samples(cfg.data, image_dir=cfg.image_dir, format=cfg.format, synth_train=cfg.synth_train,
                            synth_val=cfg.synth_val, synth_test=cfg.synth_test, seed=cfg.seed,
                            synth_max_objects=cfg.synth_max_objects)
     for note in getattr(samples, "notes", []):  # what loading dropped or merged (empty, overlong, repeated)
@@ -407,7 +407,7 @@ def write_config(run: Run, **sections: Any) -> None:
     checkpoint.write_run_config(
         run.run_dir, model_config=run.model.config.to_dict(), vocab=run.data.vocab.to_dict(),
         preprocess=run.data.preprocess.to_dict(), train=cfg.to_dict(),
-        data={"source": cfg.data or "synthetic", "format": cfg.format, "images": cfg.images,
+        data={"source": cfg.data or "synthetic", "format": cfg.format, "image_dir": cfg.image_dir,
               "splits": run.data.splits}, **sections)
 
 

@@ -114,7 +114,7 @@ def test_csv_several_rows_per_image_and_split_column(tmp_path: Path) -> None:
     make_images(tmp_path / "pics", ["a.png", "b.png"])
     (tmp_path / "captions.csv").write_text(
         'image,caption,split\na.png,"a red, round thing",train\na.png,another one,train\nb.png,b thing,val\n')
-    samples = load_samples(tmp_path / "captions.csv", images=tmp_path / "pics")
+    samples = load_samples(tmp_path / "captions.csv", image_dir=tmp_path / "pics")
     got = by_id(samples)
     assert got["a.png"].captions == ["a red, round thing", "another one"] and got["a.png"].split == "train"
     assert got["b.png"].split == "val" and got["b.png"].path == tmp_path / "pics" / "b.png"
@@ -184,7 +184,7 @@ def test_images_folder_missing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot find the image folder"):
         load_samples(tmp_path / "data.jsonl")
     with pytest.raises(DataError, match="images folder not found"):
-        load_samples(tmp_path / "data.jsonl", images=tmp_path / "nowhere")
+        load_samples(tmp_path / "data.jsonl", image_dir=tmp_path / "nowhere")
     with pytest.raises(DataError, match="dataset file not found"):
         load_samples(tmp_path / "nothing.json")
 

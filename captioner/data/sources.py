@@ -84,7 +84,7 @@ def hash_split(image_id: str) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_samples(data: str | Path | None, *, images: str | Path | None = None, format: str = "auto",
+def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None, format: str = "auto",
                  synth_train: int = 6000, synth_val: int = 200, synth_test: int = 500, seed: int = 0,
                  synth_image_size: int = 96, synth_max_objects: int = 3) -> SampleList:
     """Read a dataset (or build the synthetic world when `data` is None) into samples with splits."""
@@ -101,7 +101,7 @@ def load_samples(data: str | Path | None, *, images: str | Path | None = None, f
         raise DataError(f"{path}: dataset file not found")
     if path.is_dir():
         path = _annotations_in_folder(path)
-    image_dir = Path(images) if images is not None else None
+    image_dir = Path(image_dir) if image_dir is not None else None
     if image_dir is not None and not image_dir.is_dir():
         raise DataError(f"{image_dir}: images folder not found")
     fmt = detect_format(path) if format == "auto" else format
