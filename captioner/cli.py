@@ -33,7 +33,6 @@ app.add_typer(data_app, name="data")
 F = TypeVar("F", bound=Callable[..., Any])
 ImageDir = Annotated[str | None, typer.Option("--images", help="Image folder for the dataset's relative paths.")]
 Patterns = Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, directories or glob patterns.")]
-_state = {"debug": False}
 
 
 class Which(str, Enum):
@@ -65,6 +64,14 @@ def _err(message: str) -> None:
                                                                  markup=True)
 
 
+def _debugging() -> bool:
+    """Whether `captioner --debug` was given: read from the root command's context, where Click keeps it."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and (ctx.find_root().obj or {}).get("debug"))
+
+
 def user_errors(fn: F) -> F:
     """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug)."""
 
@@ -75,7 +82,7 @@ def user_errors(fn: F) -> F:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except CaptionerError as err:
-            if _state["debug"]:
+            if _debugging():
                 raise
             _err(str(err))
             raise typer.Exit(1) from None
@@ -83,7 +90,7 @@ def user_errors(fn: F) -> F:
             _err("interrupted")
             raise typer.Exit(130) from None
         except Exception as err:  # an internal bug: still one line, the traceback on request
-            if _state["debug"]:
+            if _debugging():
                 raise
             _err(f"internal error: {type(err).__name__}: {err} (run with --debug for the traceback)")
             raise typer.Exit(1) from None
@@ -105,7 +112,7 @@ def root(
                                         help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """captioner: train, caption, attend, evaluate."""
-    _state["debug"] = debug
+    typer.get_current_context().obj = {"debug": debug}
 
 
 # ----------------------------------------------------------------------------- train
@@ -181,9 +188,7 @@ def train(
                                                            "other samples or its greedy caption.")] = None,
 ) -> None:
     """Train a captioning model (on the built-in synthetic world unless --data is given)."""
-    import time
-
-    from captioner import checkpoint, training
+    from captioner import checkpoint
     from captioner.config import resolve
 
     cli = dict(encoder=encoder, preset=preset, data=data, image_dir=image_dir, format=format, epochs=epochs,
@@ -203,19 +208,26 @@ def train(
     saved = checkpoint.read_run_config(resume) if resume is not None else None
     scst_options = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None) if scst else None
     resolved = resolve(cli=cli, model_cli=model_cli, config_file=config, saved=saved, scst=scst_options)
+    _print_result(_run_training(resolved, resume=resume, out=out, skip_bad_images=skip_bad_images))
+
+
+def _run_training(resolved: Any, *, resume: Path | None, out: Path | None, skip_bad_images: bool) -> Any:
+    """Train (or SCST fine-tune) with a progress view on the terminal; the run's result."""
+    import time
+
+    from captioner import training
+
     view = _TrainView()
     try:
         if resolved.scst is not None:
             from captioner.scst import train_scst
 
-            result = train_scst(resume, resolved.train, resolved.scst, out=out, on_event=view.on_event)
-        else:
-            run_dir = resume or out or Path("runs") / f"{resolved.train.encoder}-{time.strftime('%Y%m%d-%H%M%S')}"
-            result = training.train(resolved.train, run_dir, resume=resume is not None, on_event=view.on_event,
-                                    skip_bad_images=skip_bad_images)
+            return train_scst(resume, resolved.train, resolved.scst, out=out, on_event=view.on_event)
+        run_dir = resume or out or Path("runs") / f"{resolved.train.encoder}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return training.train(resolved.train, run_dir, resume=resume is not None, on_event=view.on_event,
+                              skip_bad_images=skip_bad_images)
     finally:
         view.close()
-    _print_result(result)
 
 
 class _TrainView:

@@ -146,36 +146,9 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
         if need_weights:
             cross_now = cross.permute(1, 0, 2, 3).float().cpu()  # (B*K, L, H, N)
 
-        # The bookkeeping below is per candidate, so it runs on Python lists: indexing tensors element
-        # by element costs microseconds each, which at 32 images x 6 candidates rivals the model step.
-        new_rows, new_words, new_logp = [], [], []  # B*K entries, beams of an image adjacent
-        history_rows = None
-        for b, (lps, rws, wds) in enumerate(zip(top_logp.tolist(), rows.tolist(), word.tolist(), strict=True)):
-            kept = 0
-            for lp, row, w in zip(lps, rws, wds, strict=True):
-                if lp == float("-inf"):
-                    break
-                if w == opts.eos_id or t == opts.max_len - 1:
-                    if history_rows is None:
-                        history_rows = history.tolist()
-                    seq = history_rows[row] + ([] if w == opts.eos_id else [w])
-                    length = len(seq) + 1
-                    crosses = None
-                    if need_weights:
-                        steps = [c[row] for c in cross_history] + [cross_now[row]]
-                        crosses = torch.stack(steps)  # (T, L, H, N)
-                    finished[b].append((lp / (length ** length_penalty), lp, seq, crosses))
-                    continue
-                new_rows.append(row)
-                new_words.append(w)
-                new_logp.append(lp)
-                kept += 1
-                if kept == K:
-                    break
-            if kept < K:  # fewer live candidates than beams: pad with dead copies
-                new_rows += [new_rows[-kept] if kept else b * K] * (K - kept)
-                new_words += [opts.eos_id] * (K - kept)
-                new_logp += [float("-inf")] * (K - kept)
+        new_rows, new_words, new_logp = _select_beams(
+            top_logp, rows, word, finished, history, K=K, ends=t == opts.max_len - 1, eos_id=opts.eos_id,
+            length_penalty=length_penalty, cross_steps=[*cross_history, cross_now] if need_weights else None)
         live_logp = [new_logp[b * K:(b + 1) * K] for b in range(B)]
         if _search_done(finished, live_logp, K, length_penalty, opts.max_len):
             break
@@ -192,6 +165,45 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
         score, lp, seq, crosses = max(finished[b], key=lambda f: f[0])
         results.append(Hypothesis(seq, lp, score, crosses, encoded.grid))
     return results
+
+
+def _select_beams(top_logp: torch.Tensor, rows: torch.Tensor, word: torch.Tensor, finished: list[list],
+                  history: torch.Tensor, *, K: int, ends: bool, eos_id: int, length_penalty: float,
+                  cross_steps: list[torch.Tensor] | None) -> tuple[list[int], list[int], list[float]]:
+    """Sort each image's 2K candidates (B, 2K): those that end join `finished`, the best K live ones go on.
+
+    Returns the B*K live beams as (source row, word, logprob) lists, beams of an image adjacent; an image
+    with fewer than K live candidates is padded with dead copies (logprob -inf). The bookkeeping is per
+    candidate, so it runs on Python lists: indexing tensors element by element costs microseconds each,
+    which at 32 images x 6 candidates rivals the model step. `cross_steps`: each step's attention (B*K, L, H, N).
+    """
+    new_rows: list[int] = []
+    new_words: list[int] = []
+    new_logp: list[float] = []
+    history_rows = None
+    for b, (lps, rws, wds) in enumerate(zip(top_logp.tolist(), rows.tolist(), word.tolist(), strict=True)):
+        kept = 0
+        for lp, row, w in zip(lps, rws, wds, strict=True):
+            if lp == float("-inf"):
+                break
+            if w == eos_id or ends:
+                if history_rows is None:
+                    history_rows = history.tolist()
+                seq = history_rows[row] + ([] if w == eos_id else [w])
+                crosses = None if cross_steps is None else torch.stack([c[row] for c in cross_steps])  # (T, L, H, N)
+                finished[b].append((lp / ((len(seq) + 1) ** length_penalty), lp, seq, crosses))
+                continue
+            new_rows.append(row)
+            new_words.append(w)
+            new_logp.append(lp)
+            kept += 1
+            if kept == K:
+                break
+        if kept < K:  # fewer live candidates than beams: pad with dead copies
+            new_rows += [new_rows[-kept] if kept else b * K] * (K - kept)
+            new_words += [eos_id] * (K - kept)
+            new_logp += [float("-inf")] * (K - kept)
+    return new_rows, new_words, new_logp
 
 
 def _search_done(finished: list[list], live_logp: list[list[float]], K: int, length_penalty: float,
