@@ -5,12 +5,12 @@
   attention core alone (inference), and the whole module with its projections (inference, and a
   training forward+backward);
 - the attention core in bfloat16, forward + backward (what training under CPU autocast runs), at the
-  tiny preset's shapes and at the matched size: the figures behind `fused_is_slower`;
+  tiny preset's shapes and at the matched size: the figures behind the `Kernels` policy's auto attention;
 - the attention core at inference in the shapes captioning runs (decoding steps of 1 to 96 rows, and
-  the encoder's 144-token self-attention), float32 and bfloat16: the other figures behind `fused_is_slower`;
+  the encoder's 144-token self-attention), float32 and bfloat16: the other figures behind that policy;
 - float32 linear layers at inference on MKL's sgemm (plain F.linear) vs oneDNN's kernel, at the row
   counts captioning runs (one decoder step's 19 products, and the encoder's): the figures behind
-  `captioner.models.linear`;
+  `Kernels.takes_onednn` (captioner/models/kernels.py);
 - the explicit path of each scoring function (general and additive have no fused form);
 - KV-cache growth while decoding one token at a time: preallocated capacity written in place vs
   concatenating a new tensor every step.
@@ -24,6 +24,7 @@ Times are milliseconds, the fastest of --repeat runs. The candidates of one comp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, setup_threads  # noqa: E402
 
 from captioner.models.attention import KVCache, MultiHeadAttention, causal_mask  # noqa: E402
-from captioner.models.linear import linear, onednn_linear  # noqa: E402
+from captioner.models.kernels import Kernels, use_kernels  # noqa: E402
 
 B, H, T, N, D = 32, 4, 20, 64, 256  # a batch of 32 captions of 20 tokens over an 8x8 grid, width 256
 
@@ -148,9 +149,9 @@ def linear_kernels(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     out = {}
 
     def run(inputs: dict[int, torch.Tensor], onednn: bool) -> None:
-        with onednn_linear(onednn):
-            for w, b in weights:
-                linear(inputs[w.shape[1]], w, b)
+        kernels = Kernels(onednn_linear=onednn)
+        for w, b in weights:
+            kernels.linear(inputs[w.shape[1]], w, b)
 
     with torch.inference_mode():
         for rows in (1, 3, 32, 96):
@@ -161,8 +162,7 @@ def linear_kernels(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
         x, (w, b) = torch.randn(32 * 144, D, device=device), weights[4]  # the feed-forward's first product
 
         def encoder_product(onednn: bool) -> None:
-            with onednn_linear(onednn):
-                linear(x, w, b)
+            Kernels(onednn_linear=onednn).linear(x, w, b)
 
         out["encoder 32 x 144 rows, 256 -> 1024"] = compare(
             {"mkl": lambda: encoder_product(False), "onednn": lambda: encoder_product(True)},
@@ -173,27 +173,30 @@ def linear_kernels(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
 def module(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     """The whole MultiHeadAttention (projections included) on each path, inference and training."""
     torch.manual_seed(0)
-    mha = MultiHeadAttention(d_model=D, n_heads=H).to(device)
+    paths = {"fused": MultiHeadAttention(d_model=D, n_heads=H).to(device)}
+    paths["explicit"] = copy.deepcopy(paths["fused"])  # the same weights, on the other path
+    for path, mha in paths.items():
+        use_kernels(mha, Kernels(attention=path))
     x, memory = torch.randn(B, T, D, device=device), torch.randn(B, N, D, device=device)
     shapes = {
         f"cross B={B} H={H} T={T} N={N} D={D}": (x, memory, None),
         f"self causal B={B} H={H} T={T} D={D}": (x, x, causal_mask(T, device)),
     }
 
-    def inference(query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, need_weights: bool) -> None:
+    def inference(mha: MultiHeadAttention, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> None:
         with torch.inference_mode():
-            mha(query, kv, kv, mask=mask, need_weights=need_weights)
+            mha(query, kv, kv, mask=mask)
 
-    def train(query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, need_weights: bool) -> None:
-        out, _ = mha(query.detach().requires_grad_(), kv, kv, mask=mask, need_weights=need_weights)
+    def train(mha: MultiHeadAttention, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> None:
+        out, _ = mha(query.detach().requires_grad_(), kv, kv, mask=mask)
         out.sum().backward()
 
     result = {}
     for name, (query, kv, mask) in shapes.items():
         for mode, fn in (("inference", inference), ("train", train)):
             result[f"{name} {mode}"] = compare(
-                {"fused": lambda fn=fn, query=query, kv=kv, mask=mask: fn(query, kv, mask, False),
-                 "explicit": lambda fn=fn, query=query, kv=kv, mask=mask: fn(query, kv, mask, True)},
+                {path: lambda fn=fn, mha=mha, query=query, kv=kv, mask=mask: fn(mha, query, kv, mask)
+                 for path, mha in paths.items()},
                 repeat=repeat, device=device)
     return result
 

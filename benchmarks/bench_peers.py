@@ -30,8 +30,8 @@ from common import MATCHED, TOKENS, machine, setup_threads, time_it  # noqa: E40
 from captioner.config import ModelConfig  # noqa: E402
 from captioner.decoding import SearchOptions, beam_search, greedy, naive_greedy  # noqa: E402
 from captioner.models.captioner import CaptionModel  # noqa: E402
-from captioner.models.linear import linear  # noqa: E402
-from captioner.training import caption_loss, cpu_has_native_bf16  # noqa: E402
+from captioner.runtime import cpu_has_native_bf16  # noqa: E402
+from captioner.training import caption_loss  # noqa: E402
 
 NEVER = MATCHED["vocab_size"] + 7  # an <eos> id outside the vocabulary: every caption runs 20 tokens
 
@@ -118,10 +118,11 @@ def decoder_products(model: CaptionModel, rows: int) -> Callable[[], None]:
                                             layer.cross_attn.to_q, layer.cross_attn.to_out,
                                             layer.ff.to_hidden, layer.ff.to_out)] + [model.decoder.head]
     inputs = {m.in_features: torch.randn(rows, m.in_features) for m in mats}
+    kernels = model.kernels
 
     def step() -> None:
         for m in mats:
-            linear(inputs[m.in_features], m.weight, m.bias)  # on the kernel the model picks (models/linear.py)
+            kernels.linear(inputs[m.in_features], m.weight, m.bias)  # on the kernel the model's policy picks
     return step
 
 

@@ -25,10 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MATCHED, TOKENS, machine, setup_threads, time_it  # noqa: E402
 
-from captioner.config import ModelConfig  # noqa: E402
+from captioner import checkpoint  # noqa: E402
+from captioner.config import ModelConfig, preset  # noqa: E402
+from captioner.data.images import Preprocess  # noqa: E402
+from captioner.data.synthetic import write_synthetic  # noqa: E402
+from captioner.data.vocab import Vocabulary  # noqa: E402
 from captioner.decoding import SearchOptions, greedy  # noqa: E402
-from captioner.models.captioner import CaptionModel  # noqa: E402
-from captioner.models.linear import onednn_linear  # noqa: E402
+from captioner.models.captioner import CaptionModel, Kernels  # noqa: E402
 from captioner.training import caption_loss  # noqa: E402
 
 
@@ -38,10 +41,15 @@ def matmul_flops(n: int = 1024) -> float:
     return 2 * n**3 / t
 
 
-def count_flops(fn) -> int:
-    # On F.linear, whose aten products the counter knows; oneDNN's linear op is invisible to it.
-    with onednn_linear(False), FlopCounterMode(display=False) as counter:
-        fn()
+def count_flops(model: CaptionModel, fn) -> int:
+    """FLOPs of `fn()`, run with `model` on F.linear: oneDNN's linear op is invisible to the counter."""
+    kernels = model.kernels
+    model.use_kernels(Kernels(onednn_linear=False))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        model.use_kernels(kernels)
     return counter.get_total_flops()
 
 
@@ -60,11 +68,11 @@ def model_efficiency(peak: float) -> dict[str, float]:
         opt.step()
 
     model.train()
-    train_flops = count_flops(train_step)
+    train_flops = count_flops(model, train_step)
     train_t = time_it(train_step, repeat=5, warmup=2)
     model.eval()
     opts = SearchOptions(bos_id=1, eos_id=MATCHED["vocab_size"] + 7, max_len=TOKENS)
-    decode_flops = count_flops(lambda: greedy(model, images, opts))
+    decode_flops = count_flops(model, lambda: greedy(model, images, opts))
     decode_t = time_it(lambda: greedy(model, images, opts), repeat=3)
     return {
         "train_gflop_per_image": train_flops / B / 1e9,
@@ -85,12 +93,6 @@ def startup(args: list[str], repeat: int = 5) -> float:
 
 def caption_costs() -> dict[str, float]:
     """Start-up and peak memory of `captioner caption` with the default tiny model (random weights)."""
-    from captioner import checkpoint
-    from captioner.config import preset
-    from captioner.data.images import Preprocess
-    from captioner.data.synthetic import write_synthetic
-    from captioner.data.vocab import Vocabulary
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         write_synthetic(tmp_path / "data", 100, split="test")

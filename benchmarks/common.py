@@ -21,7 +21,12 @@ THREADS = 2
 
 
 def setup_threads(threads: int = THREADS) -> None:
-    """Pin intra-op threads so both sides of a comparison get the same CPU."""
+    """Pin intra-op threads so both sides of a comparison get the same CPU; CAPTIONER_BENCH_THREADS overrides.
+
+    On a shared machine whose cores are busy, one thread is steadier: OpenMP threads that wait on a
+    descheduled partner crawl.
+    """
+    threads = int(os.environ.get("CAPTIONER_BENCH_THREADS", threads))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 

@@ -206,7 +206,7 @@ def test_mha_matches_reference_and_fused_equals_explicit(name: str, mask_kind: s
 
 
 def test_bf16_on_cpu_takes_the_explicit_path_with_the_same_results(monkeypatch) -> None:
-    """SDPA's CPU bf16 kernel is the slow one (fused_is_slower): bf16 goes explicit, same result."""
+    """SDPA's CPU bf16 kernel is the slow one (Kernels' auto policy): bf16 goes explicit, same result."""
     torch.manual_seed(0)
     B, T, D = 4, 6, 32
     mha = MultiHeadAttention(d_model=D, n_heads=4)  # default init: softmaxes of moderate sharpness, as in training

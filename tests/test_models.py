@@ -16,6 +16,7 @@ from captioner.errors import ConfigError
 from captioner.models.attention import MultiHeadAttention
 from captioner.models.captioner import CaptionModel
 from captioner.models.encoders import CNNEncoder, TorchvisionViTEncoder, ViTEncoder
+from captioner.models.kernels import Kernels
 from captioner.models.positional import sinusoidal_2d
 
 from .conftest import tiny_model_config
@@ -235,6 +236,28 @@ def test_step_with_caches_reproduces_forward(encoder: str, cross_score: str) -> 
         model.step(tokens[:, 0], model.start(memory))
 
 
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_step_and_cached_forward_equal_the_whole_prefix_pass(encoder: str, norm_first: bool) -> None:
+    """One decoder path: step, a cached forward over a chunk, and the uncached forward agree, pre- and post-LN."""
+    model = _model(encoder, n_layers=2, norm_first=norm_first).eval()
+    images, tokens = _images(3), _tokens(3, 8)
+    with torch.no_grad():
+        memory = model.encode(images).memory
+        want, want_cross = model.decode(memory, tokens, need_weights=True)  # (B, T, V), (L, B, H, T, N)
+    for kernels in (Kernels(), Kernels(onednn_linear=False, attention="explicit")):
+        model.use_kernels(kernels)
+        with torch.inference_mode():  # as decoding runs it
+            state = model.start(memory)
+            head, head_cross = model.decoder(tokens[:, :5], None, state=state, need_weights=True)  # a 5-token chunk
+            steps = [model.step(tokens[:, t], state, need_weights=True) for t in range(5, 8)]
+        got = torch.cat([head, torch.stack([logits for logits, _ in steps], dim=1)], dim=1)
+        got_cross = torch.cat([head_cross, torch.stack([cross for _, cross in steps], dim=3)], dim=3)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_cross, want_cross, atol=1e-5, rtol=1e-5)
+        assert state.position == 8 and state.self_caches[0].length == 8
+
+
 @pytest.mark.parametrize("encoder", ENCODERS)
 def test_decode_weights_sum_to_one_over_regions(encoder: str) -> None:
     model = _model(encoder, n_layers=2).eval()
@@ -277,8 +300,11 @@ def test_rows_sharing_an_images_keys_and_values_attend_like_copies() -> None:
             shared, w_shared = mha(query, None, None, cache=mha.precompute(memory), need_weights=True)
             copies, w_copies = mha(query, memory.repeat_interleave(3, 0), memory.repeat_interleave(3, 0),
                                    need_weights=True)
-            stepped, w_stepped = mha.step(query, mha.precompute(memory), need_weights=True)  # the decoding step
+        with torch.inference_mode():  # the decoding step's kernels (inference picks its own)
+            stepped, w_stepped = mha(query, None, None, cache=mha.precompute(memory), need_weights=True)
+            stepped_fast, _ = mha(query, None, None, cache=mha.precompute(memory))
         torch.testing.assert_close(shared, copies)
+        torch.testing.assert_close(stepped_fast, copies, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(w_shared, w_copies)
         torch.testing.assert_close(stepped, copies)
         torch.testing.assert_close(w_stepped, w_copies)

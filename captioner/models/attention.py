@@ -5,6 +5,7 @@ Conventions of this module:
     mask    bool, True = query may attend to key (the convention of F.scaled_dot_product_attention),
             broadcastable to the scores (B, H, Tq, Tk). `causal_mask` and `padding_mask` build the usual ones.
 Decoder self-attention has Tq = Tk = T; cross-attention has Tk = N image regions.
+Which path computes the attention (fused SDPA or explicit) is the `Kernels` policy's call (kernels.py).
 """
 
 from __future__ import annotations
@@ -16,35 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import SCORES
-from captioner.models.linear import Linear, linear
-
-# Scores that F.scaled_dot_product_attention computes itself (dot is scaled_dot with scale 1), so
-# only these can take the fused path; general and additive always go through the explicit path.
-FUSED_SCORES = ("dot", "scaled_dot")
-
-
-def fused_is_slower(q: torch.Tensor) -> bool:
-    """Whether the explicit path beats F.scaled_dot_product_attention for these queries (B, H, Tq, Dh).
-
-    Measured on the CPU (`python benchmarks/bench_attention.py`, "core_train_bf16" and "core_decode",
-    explicit time over fused):
-    - bfloat16, with or without autograd: SDPA's CPU kernel is the slower one. Forward + backward of a
-      32 x 4-head batch, 36-token self-attention 1.4 vs 8.7 ms; at inference the bf16 encoder's
-      144-token self-attention at 32 images 0.57, decoding steps of 32-96 rows 0.24-0.47.
-    - float32 inference of a few queries per row over many rows (decoding steps of a batch, beams):
-      the explicit path's batched matrix products tie or win: 32 rows x 1 query over 144 regions 1.0,
-      the 3 grouped beam queries of 32 images 0.65, 96 beams over 20 cached keys 0.85 (32 rows over 20:
-      1.09, a wash). With few rows (greedy on one image: 2.9) or many queries (training, the encoder:
-      1.7) SDPA keeps the lead.
-    CUDA always keeps the fused kernel.
-    """
-    if q.device.type != "cpu":
-        return False
-    if q.dtype == torch.bfloat16:
-        return True
-    B, H, Tq, _ = q.shape
-    return not q.requires_grad and Tq <= 4 and B * H >= 64
-
+from captioner.models.kernels import Kernels, Linear
 
 # ----------------------------------------------------------------------------------------------------------
 # Scoring functions: (..., Tq, Dq) queries and (..., Tk, Dk) keys -> (..., Tq, Tk) logits
@@ -249,9 +222,8 @@ class MultiHeadAttention(nn.Module):
 
     Self- and cross-attention are this one module: keys and values may come from another sequence of
     another length and width `d_kv` (the image memory). Two paths give one result: fused
-    F.scaled_dot_product_attention when weights are not needed, the score is dot or scaled_dot and the
-    fused kernel is not the slower one (`fused_is_slower`); otherwise explicit scores -> masked softmax ->
-    weighted sum, which can return per-head weights.
+    F.scaled_dot_product_attention, or explicit scores -> masked softmax -> weighted sum, which can
+    return per-head weights; the `kernels` policy picks one for each call.
     """
 
     def __init__(self, *, d_model: int, n_heads: int, dropout: float = 0.0, score: str = "scaled_dot",
@@ -260,6 +232,7 @@ class MultiHeadAttention(nn.Module):
         assert d_model % n_heads == 0, f"d_model ({d_model}) must be divisible by n_heads ({n_heads})"
         d_kv = d_kv or d_model
         self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
+        self.kernels = Kernels()  # the attention path's policy; `kernels.use_kernels` replaces it
         self.to_q = Linear(d_model, d_model)
         # W_K and W_V stacked in one (2D, d_kv) matrix: keys and values are projections of the same sequence,
         # so one matrix product gives both (rows :D are W_K, rows D: are W_V).
@@ -275,12 +248,12 @@ class MultiHeadAttention(nn.Module):
         """Keys (B, H, Tk, Dh) = key W_K and values (B, H, Tk, Dh) = value W_V, in one product when key is value."""
         B, Tk, _ = key.shape
         if key is value:
-            kv = self.to_kv(key).view(B, Tk, 2, self.n_heads, self.d_head)  # (B, Tk, 2, H, Dh)
+            kv = self.to_kv.forward(key).view(B, Tk, 2, self.n_heads, self.d_head)  # (B, Tk, 2, H, Dh)
             return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         D = self.n_heads * self.d_head
-        w, b = self.to_kv.weight, self.to_kv.bias
-        return (self._split_heads(linear(key, w[:D], b[:D])),
-                self._split_heads(linear(value, w[D:], b[D:])))
+        w, b, kernels = self.to_kv.weight, self.to_kv.bias, self.to_kv.kernels
+        return (self._split_heads(kernels.linear(key, w[:D], b[:D])),
+                self._split_heads(kernels.linear(value, w[D:], b[D:])))
 
     def precompute(self, memory: torch.Tensor) -> KVCache:
         """Cross-attention keys and values of `memory` (B, N, d_kv), computed once per image and reused."""
@@ -294,13 +267,14 @@ class MultiHeadAttention(nn.Module):
         """Attend from query (B, Tq, D) to key/value (B, Tk, d_kv): (out (B, Tq, D), weights (B, H, Tq, Tk)|None).
 
         `mask` is bool broadcastable to (B, H, Tq, Tk), True = attend. With a growing `cache` the new
-        keys/values are appended and the queries attend to everything cached; with a frozen cache
-        (from `precompute`) key and value are ignored and may be None.
+        keys/values are appended and the queries attend to everything cached (a decoding step); with a
+        frozen cache (from `precompute`) key and value are ignored and may be None.
         """
         B, Tq, D = query.shape
         assert D == self.n_heads * self.d_head, f"query width {D} != d_model {self.n_heads * self.d_head}"
         assert mask is None or mask.dtype == torch.bool, f"mask must be bool (True = attend), got {mask.dtype}"
-        q = self._split_heads(self.to_q(query))  # (B, H, Tq, Dh)
+        # The projections' forward, not their __call__: nn.Module.__call__ costs time on every decoding step.
+        q = self._split_heads(self.to_q.forward(query))  # (B, H, Tq, Dh)
         if cache is not None and cache.frozen:
             k, v = cache.k, cache.v  # (B, H, N, Dh), computed once per image
         else:
@@ -310,25 +284,7 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.append(k, v)  # (B, H, past + Tk, Dh)
         out, weights = self._attend(q, k, v, mask, need_weights)
         out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H*Dh): heads concatenated
-        return self.to_out(out), weights
-
-    def step(self, query: torch.Tensor, cache: KVCache, *,
-             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward` for a decoding step, at inference: query (B, Tq, D) against a cache, on the parameters directly.
-
-        A growing cache takes the new keys/values of `query` (self-attention); a frozen one is read as is
-        (cross-attention). No checks and no nn.Module calls (see DecoderLayer.step for what that saves).
-        """
-        B, Tq, D = query.shape
-        q = linear(query, self.to_q.weight, self.to_q.bias).view(B, Tq, self.n_heads, self.d_head).transpose(1, 2)
-        if cache.frozen:
-            k, v = cache.k, cache.v
-        else:
-            kv = linear(query, self.to_kv.weight, self.to_kv.bias).view(B, Tq, 2, self.n_heads, self.d_head)
-            k, v = cache.append(kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))  # (B, H, past+Tq, Dh)
-        out, weights = self._attend(q, k, v, None, need_weights)
-        out = out.transpose(1, 2).reshape(B, Tq, D)
-        return linear(out, self.to_out.weight, self.to_out.bias), weights
+        return self.to_out.forward(out), weights
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -344,10 +300,10 @@ class MultiHeadAttention(nn.Module):
             q = q.view(Bk, R, self.n_heads, Tq, self.d_head).transpose(1, 2).reshape(Bk, self.n_heads, R * Tq, -1)
 
         weights = None
-        if need_weights or self.score.name not in FUSED_SCORES or fused_is_slower(q):
-            out, weights = self._explicit(q, k, v, mask)
-        else:
+        if self.kernels.fused_attention(q, score=self.score.name, need_weights=need_weights):
             out = self._fused(q, k, v, mask)
+        else:
+            out, weights = self._explicit(q, k, v, mask)
         if R > 1:  # back to one row per query: (Bk, H, R*Tq, .) -> (B, H, Tq, .)
             def ungroup(t: torch.Tensor) -> torch.Tensor:
                 return t.view(Bk, self.n_heads, R, Tq, -1).transpose(1, 2).reshape(B, self.n_heads, Tq, -1)
@@ -358,7 +314,7 @@ class MultiHeadAttention(nn.Module):
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = masked_softmax(self.score(q, k), mask)  # (B, H, Tq, Tk)
+        weights = masked_softmax(self.score.forward(q, k), mask)  # (B, H, Tq, Tk)
         # Dropout acts on the weights that mix values; the returned weights are the undropped ones,
         # which sum to 1 and are what the overlays show.
         out = F.dropout(weights, p=self.dropout, training=self.training) @ v  # (B, H, Tq, Dh)
@@ -388,5 +344,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), each position on its own."""
-        hidden = linear(x, self.to_hidden.weight, self.to_hidden.bias, gelu=True)  # one fused call at inference
-        return linear(self.dropout(hidden), self.to_out.weight, self.to_out.bias)
+        # GELU goes to the kernel with the product, which fuses the two where it can (oneDNN at inference).
+        hidden = self.to_hidden.kernels.linear(x, self.to_hidden.weight, self.to_hidden.bias, gelu=True)
+        return self.to_out.forward(self.dropout(hidden))

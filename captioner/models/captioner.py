@@ -10,8 +10,9 @@ from torch import nn
 from captioner.config import ModelConfig
 from captioner.models.decoder import DecoderState, TransformerDecoder
 from captioner.models.encoders import Encoded, build_encoder
+from captioner.models.kernels import Kernels, use_kernels
 
-__all__ = ["CaptionModel", "DecoderState", "Encoded"]
+__all__ = ["CaptionModel", "DecoderState", "Encoded", "Kernels"]
 
 # Parameters that AdamW must not decay: scales and shifts of norms, and vectors looked up rather than
 # multiplied (embeddings, positions, the CLS slot). Decaying them pulls them to zero for no benefit.
@@ -27,9 +28,10 @@ class CaptionModel(nn.Module):
         config.validate()
         self.config = config
         # Convolutions (the CNN, the ViT's patch embedding) keep channels-last (NHWC) weights: the layout
-        # oneDNN and cuDNN run fastest (a bf16 CPU training step of the tiny CNN: 109 -> 69 ms).
+        # oneDNN and cuDNN run fastest.
         self.encoder = build_encoder(config).to(memory_format=torch.channels_last)
         self.decoder = TransformerDecoder(config)
+        self.kernels = Kernels()  # what every layer runs on; change it with use_kernels
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -55,6 +57,11 @@ class CaptionModel(nn.Module):
             if name.endswith("to_out.weight") and not name.startswith("encoder.backbone"):
                 sums = 3 * cfg.n_layers if name.startswith("decoder.") else 2 * max(cfg.enc_layers, 1)
                 nn.init.normal_(p, std=0.02 / math.sqrt(sums))
+
+    def use_kernels(self, kernels: Kernels) -> CaptionModel:
+        """Run every layer on the kernels `kernels` picks (oneDNN linear or not, attention path); returns self."""
+        use_kernels(self, kernels)
+        return self
 
     # -- the two halves ---------------------------------------------------------------------------------
 

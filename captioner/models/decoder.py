@@ -1,8 +1,9 @@
 """The Transformer decoder: token embedding + positions, layers of masked self-attention, cross-attention
 to the image memory and feed-forward, and an output layer tied to the embedding.
 
-Two ways to run it, one result: `forward` decodes a whole prefix at once under a causal mask (training,
-and the naive reference), `start` + `step` decode one token at a time with KV caches (inference).
+One code path, two uses: `forward` decodes whole prefixes under a causal mask (training, and the naive
+reference), and with a `DecoderState` continues sequences against KV caches; `start` + `step` are that
+cached forward one token at a time (inference).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from captioner.config import ModelConfig
 from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, causal_mask
-from captioner.models.linear import Linear, linear
+from captioner.models.kernels import Linear
 from captioner.models.positional import sinusoidal_1d
 
 
@@ -51,8 +52,12 @@ class DecoderState:
         self.batch_size = rows
 
 
+# The decoder's hot path calls functions and submodules' `forward`, never `module(x)`: at batch 1 a decoding
+# step is short enough that nn.Module.__call__'s hook handling, around 50 calls a step, shows in its time.
+
+
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` without the nn.Module call (the decoding step's path)."""
+    """`norm(x)` without the nn.Module call."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -75,47 +80,29 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
         self.dropout = nn.Dropout(config.dropout)
 
+    def _input(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        """A sublayer's input: normalised (pre-LN) or the residual stream as is (post-LN)."""
+        return _layer_norm(norm, x) if self.norm_first else x
+
+    def _add(self, norm: nn.LayerNorm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residual sum x + dropout(out), normalised after (post-LN) or left as is (pre-LN)."""
+        x = x + (self.dropout.forward(out) if self.training else out)  # dropout is the identity at inference
+        return x if self.norm_first else _layer_norm(norm, x)
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, *, mask: torch.Tensor | None = None,
                 self_cache: KVCache | None = None, cross_cache: KVCache | None = None,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, D), memory (B, N, D) -> (x (B, T, D), cross-attention weights (B, H, T, N) | None).
 
         `mask` (broadcastable to (B, H, T, T)) is the self-attention mask; memory may be None when
-        `cross_cache` holds its keys and values.
+        `cross_cache` holds its keys and values. With caches, x continues the cached sequences.
         """
-        if self.norm_first:
-            h = self.norm1(x)
-            x = x + self.dropout(self.self_attn(h, h, h, mask=mask, cache=self_cache)[0])
-            out, weights = self.cross_attn(self.norm2(x), memory, memory, cache=cross_cache,
-                                           need_weights=need_weights)
-            x = x + self.dropout(out)
-            x = x + self.dropout(self.ff(self.norm3(x)))
-        else:
-            x = self.norm1(x + self.dropout(self.self_attn(x, x, x, mask=mask, cache=self_cache)[0]))
-            out, weights = self.cross_attn(x, memory, memory, cache=cross_cache, need_weights=need_weights)
-            x = self.norm2(x + self.dropout(out))
-            x = self.norm3(x + self.dropout(self.ff(x)))
-        return x, weights
-
-    def step(self, x: torch.Tensor, self_cache: KVCache, cross_cache: KVCache, *,
-             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward` for one new token per row at inference: x (B, 1, D) against the caches, same result.
-
-        The same sublayers in the same order, written on the parameters: no dropout (inference only)
-        and no nn.Module calls (17 per layer). Side by side on the matched model (20 steps, same logits):
-        2.26 -> 2.02 ms a step at batch 1, 7.87 -> 7.10 at batch 32.
-        """
-        norm = _layer_norm
-        if self.norm_first:
-            x = x + self.self_attn.step(norm(self.norm1, x), self_cache)[0]
-            out, weights = self.cross_attn.step(norm(self.norm2, x), cross_cache, need_weights=need_weights)
-            x = x + out
-            x = x + self.ff.forward(norm(self.norm3, x))
-        else:
-            x = norm(self.norm1, x + self.self_attn.step(x, self_cache)[0])
-            out, weights = self.cross_attn.step(x, cross_cache, need_weights=need_weights)
-            x = norm(self.norm2, x + out)
-            x = norm(self.norm3, x + self.ff.forward(x))
+        h = self._input(self.norm1, x)
+        x = self._add(self.norm1, x, self.self_attn.forward(h, h, h, mask=mask, cache=self_cache)[0])
+        out, weights = self.cross_attn.forward(self._input(self.norm2, x), memory, memory, cache=cross_cache,
+                                               need_weights=need_weights)
+        x = self._add(self.norm2, x, out)
+        x = self._add(self.norm3, x, self.ff.forward(self._input(self.norm3, x)))
         return x, weights
 
 
@@ -150,31 +137,50 @@ class TransformerDecoder(nn.Module):
         B, T = tokens.shape
         # x sqrt(D) as in Vaswani et al.: the tied embedding's rows stay small (they are also the output
         # layer), and the scaling lets the token signal keep up with the unit-scale positions.
-        x = self.embed(tokens) * math.sqrt(self.d_model)  # (B, T, D)
+        x = self.embed.forward(tokens) * math.sqrt(self.d_model)  # (B, T, D)
         x = x + self.positions(offset, T, x)
-        return self.dropout(x)
+        return self.dropout.forward(x) if self.training else x
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Whole prefixes: tokens (B, T), memory (M, N, D) -> logits (B, T, V), cross weights (L, B, H, T, N) | None.
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None, *, pad_mask: torch.Tensor | None = None,
+                need_weights: bool = False,
+                state: DecoderState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (B, T), memory (M, N, D) -> logits (B, T, V), cross weights (L, B, H, T, N) | None.
 
-        M = B, or fewer images each decoded by B / M adjacent rows (several captions of one image in
-        training): the rows of an image share its memory's keys and values, computed once.
+        Without `state`: whole prefixes from position 0 under a causal mask. M = B, or fewer images each
+        decoded by B / M adjacent rows (several captions of one image in training): the rows of an image
+        share its memory's keys and values, computed once.
+        With `state` (from `start`): the tokens continue the sequences at state.position, attending to
+        the cached positions too; the cross caches hold the memory's K/V (memory may be None), and the
+        state advances by T.
         """
         B, T = tokens.shape
-        assert memory.dim() == 3 and B % memory.shape[0] == 0, \
-            f"memory must be (M, N, D) with M dividing B={B}, got {tuple(memory.shape)}"
-        mask = causal_mask(T, tokens.device)  # (T, T): position t sees 0..t
+        if state is None:
+            assert memory is not None and memory.dim() == 3 and B % memory.shape[0] == 0, \
+                f"memory must be (M, N, D) with M dividing B={B}, got {None if memory is None else tuple(memory.shape)}"
+            mask = causal_mask(T, tokens.device)  # (T, T): position t sees 0..t
+            self_caches = cross_caches = [None] * len(self.layers)
+            offset = 0
+        else:
+            assert B == state.batch_size, \
+                f"state holds {state.batch_size} rows but {B} were given (reorder the state?)"
+            assert pad_mask is None, "a decoding state continues unpadded sequences: pass no pad_mask"
+            # One new token sees every cached position, all in its past: no mask. Several need the offset one.
+            mask = None if T == 1 else causal_mask(T, tokens.device, past=state.position)  # (T, past + T)
+            self_caches, cross_caches = state.self_caches, state.cross_caches
+            offset = state.position
         if pad_mask is not None:
             assert pad_mask.shape == (B, T) and pad_mask.dtype == torch.bool, \
                 f"pad_mask must be bool {(B, T)} (True = padding), got {pad_mask.dtype} {tuple(pad_mask.shape)}"
             mask = mask & ~pad_mask[:, None, None, :]  # (B, 1, T, T): padding is never a key
-        x = self._embed(tokens, offset=0)  # (B, T, D)
+        x = self._embed(tokens, offset=offset)  # (B, T, D)
         crosses = []
-        for layer in self.layers:
-            x, weights = layer(x, memory, mask=mask, need_weights=need_weights)
+        for layer, self_cache, cross_cache in zip(self.layers, self_caches, cross_caches, strict=True):
+            x, weights = layer.forward(x, memory, mask=mask, self_cache=self_cache, cross_cache=cross_cache,
+                                       need_weights=need_weights)
             crosses.append(weights)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        if state is not None:
+            state.position += T
+        logits = self.head.forward(self.norm.forward(x))  # (B, T, V)
         return logits, (torch.stack(crosses) if need_weights else None)  # (L, B, H, T, N)
 
     def start(self, memory: torch.Tensor) -> DecoderState:
@@ -187,20 +193,11 @@ class TransformerDecoder(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: DecoderState, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed one token per row: tokens (B,) -> (logits (B, V), cross weights (L, B, H, N) | None); state advances."""
+        """Feed one token per row: tokens (B,) -> (logits (B, V), cross weights (L, B, H, N) | None); state advances.
+
+        `forward` with the state, for a prefix of one token.
+        """
         assert tokens.dim() == 1, f"step takes one token per row (B,), got {tuple(tokens.shape)}"
-        assert tokens.shape[0] == state.batch_size, \
-            f"state holds {state.batch_size} rows but {tokens.shape[0]} tokens were given (reorder the state?)"
         assert not self.training, "step is for inference: train on whole prefixes (forward)"
-        x = self.embed.weight[tokens] * math.sqrt(self.d_model) + self.positions(state.position, 1, self.embed.weight)
-        x = x[:, None]  # (B, 1, D): as _embed, without dropout
-        crosses = []
-        for layer, self_cache, cross_cache in zip(self.layers, state.self_caches, state.cross_caches, strict=True):
-            # No mask: the one new query may see every cached position, which are all in its past.
-            x, weights = layer.step(x, self_cache, cross_cache, need_weights=need_weights)
-            crosses.append(weights)
-        state.position += 1
-        if isinstance(self.norm, nn.LayerNorm):
-            x = _layer_norm(self.norm, x)
-        logits = linear(x[:, 0], self.head.weight)  # (B, V)
-        return logits, (torch.stack(crosses)[:, :, :, 0] if need_weights else None)  # (L, B, H, N)
+        logits, cross = self.forward(tokens[:, None], None, state=state, need_weights=need_weights)
+        return logits[:, 0], (None if cross is None else cross[:, :, :, 0])  # (B, V), (L, B, H, N)

@@ -23,7 +23,7 @@ from torch import nn
 from captioner.config import VIT_STEM_STRIDES, ModelConfig
 from captioner.errors import ConfigError
 from captioner.models.attention import FeedForward, MultiHeadAttention
-from captioner.models.linear import Linear
+from captioner.models.kernels import Linear
 from captioner.models.positional import sinusoidal_2d
 
 
@@ -49,7 +49,7 @@ def _checked(images: torch.Tensor) -> torch.Tensor:
 
 def cached_weights_file(arch: str) -> Path:
     """Torchvision's cached ImageNet weights file for `arch`; ConfigError naming the file when it is absent."""
-    import torchvision  # lazy: importing torchvision costs ~1.3 s, and our ViT does not need it
+    import torchvision  # lazy: a slow import (benchmarks/NOTES.md), and our ViT does not need it
 
     weights = torchvision.models.get_model_weights(arch)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -147,7 +147,7 @@ class BasicBlock(nn.Module):
     """ResNet's basic block (He et al.): two 3x3 conv-BN layers plus a shortcut, ReLU after the sum.
 
     Its attribute names are torchvision's, so its state-dict keys are too; written here so the compact
-    ResNet needs no torchvision import (~1.3 s of `captioner caption` start-up).
+    ResNet needs no torchvision import, a large share of `captioner caption`'s start-up.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
