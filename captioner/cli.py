@@ -6,6 +6,7 @@ Heavy imports (torch, torchvision) happen inside the commands, so `captioner --h
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
 ImageDir = Annotated[str | None, typer.Option("--images", help="Image folder for the dataset's relative paths.")]
-Patterns = Annotated[list[str], typer.Argument(metavar="IMAGES...", help="Image files, directories or glob patterns.")]
+Patterns = Annotated[list[str], typer.Argument(metavar="IMAGES", help="Image files, directories or glob patterns.")]
 
 
 class Which(str, Enum):
@@ -64,25 +65,22 @@ def _err(message: str) -> None:
                                                                  markup=True)
 
 
-def _debugging() -> bool:
-    """Whether `captioner --debug` was given: read from the root command's context, where Click keeps it."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx is not None and (ctx.find_root().obj or {}).get("debug"))
-
-
 def user_errors(fn: F) -> F:
-    """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug)."""
+    """Turn every failure into one line on stderr and a non-zero exit (a traceback only with --debug).
+
+    The wrapper takes the command's Click context (added to its signature, so Typer passes it) to read
+    `--debug`, which the root callback keeps in the context's `obj`: no state outside the invocation.
+    """
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(ctx: typer.Context, *args: Any, **kwargs: Any) -> Any:
+        debug = bool((ctx.find_root().obj or {}).get("debug"))
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except CaptionerError as err:
-            if _debugging():
+            if debug:
                 raise
             _err(str(err))
             raise typer.Exit(1) from None
@@ -90,11 +88,15 @@ def user_errors(fn: F) -> F:
             _err("interrupted")
             raise typer.Exit(130) from None
         except Exception as err:  # an internal bug: still one line, the traceback on request
-            if _debugging():
+            if debug:
                 raise
             _err(f"internal error: {type(err).__name__}: {err} (run with --debug for the traceback)")
             raise typer.Exit(1) from None
 
+    signature = inspect.signature(fn, eval_str=True)  # the options' Annotated[...] as objects, not strings
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    wrapper.__signature__ = signature.replace(parameters=[context, *signature.parameters.values()])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {"ctx": typer.Context, **{n: p.annotation for n, p in signature.parameters.items()}}
     return wrapper  # type: ignore[return-value]
 
 
@@ -106,13 +108,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", envvar="CAPTIONER_DEBUG",
                                         help="Show full tracebacks instead of one-line errors.")] = False,
 ) -> None:
     """captioner: train, caption, attend, evaluate."""
-    typer.get_current_context().obj = {"debug": debug}
+    ctx.obj = {"debug": debug}
 
 
 # ----------------------------------------------------------------------------- train
@@ -322,48 +325,127 @@ def caption(
     max_len: MaxLen = 30,
     length_penalty: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.0,
     no_repeat_ngram: Annotated[int, typer.Option(min=0, max=10)] = 0,
+    n_best: Annotated[int, typer.Option(min=1, max=64, help="Keep the N best captions of the beam per image "
+                                                            "(N <= --beam).")] = 1,
     sample: Annotated[bool, typer.Option(help="Sample instead of searching.")] = False,
     temperature: Annotated[float, typer.Option(min=1e-3, max=100.0)] = 1.0,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     top_p: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    workers: Annotated[int | None, typer.Option(min=0, max=64, help="Processes decoding the image files "
+                                                "(default: one per spare core, none for a single batch).")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search directories recursively.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Results file (.jsonl, .csv or .json), written as each "
+                                             "batch finishes.")] = None,
+    skip_done: Annotated[bool, typer.Option(help="Caption only the images not yet in --out; keep the rest.")
+                         ] = False,
+    resume_from: Annotated[Path | None, typer.Option(help="Skip the images already in this results file and "
+                                                     "carry its results into --out (default: into it).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     device: Annotated[Device, typer.Option()] = Device.auto,
     precision: InferPrecision = Precision.auto,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")] = False,
 ) -> None:
-    """Caption images with a trained run (greedy, beam search or sampling)."""
-    from captioner.api import Captioner, DecodeSettings, collect_images
+    """Caption images with a trained run (greedy, beam search or sampling); torchrun shards the files."""
+    from captioner.api import DecodeSettings
+    from captioner.bulk import caption_many
 
     settings = DecodeSettings(beam=beam, max_len=max_len, length_penalty=length_penalty,
                               no_repeat_ngram=no_repeat_ngram, sample=sample, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed)
-    paths, problems = collect_images(patterns)
-    for problem in problems:
-        _err(str(problem))
-    if not paths:
+                              top_k=top_k, top_p=top_p, seed=seed, n_best=n_best)
+    if skip_done and out is None:
+        raise ConfigError("--skip-done needs --out (the results file to continue)")
+    view = _CaptionView(json_out=json_out, table=not json_out and out is None and resume_from is None)
+    try:
+        result = caption_many(patterns, settings, model=model, which=checkpoint_.value, device=device.value,
+                              precision=precision.value, out=out, resume_from=resume_from, skip_done=skip_done,
+                              overwrite=overwrite, recursive=recursive, batch_size=batch_size, workers=workers,
+                              on_event=view.on_event)
+    finally:
+        view.close()
+    view.summary(result)
+    if result.failures:
         raise typer.Exit(1)
-    captioner = Captioner.load(model, which=checkpoint_.value, device=device.value, precision=precision.value)
-    results, failures = captioner.caption_files(paths, settings, batch_size=batch_size)
-    for failure in failures:
-        _err(str(failure))
-    if json_out:
-        for path, c in results:
-            typer.echo(json.dumps({"image": str(path), "caption": c.text, "logprob": round(c.logprob, 4),
-                                   "score": round(c.score, 4)}))
-    else:
-        from rich.console import Console
-        from rich.table import Table
 
-        table = Table(show_header=True)
-        table.add_column("image", overflow="fold")
-        table.add_column("caption")
-        table.add_column("log p", justify="right")
-        for path, c in results:
-            table.add_row(_plain(path), _plain(c.text), f"{c.logprob:.2f}")
-        Console().print(table)
-    if problems or failures:
-        raise typer.Exit(1)
+
+class _CaptionView:
+    """Renders `caption_many` events: errors as met, JSON lines or a table, a progress bar for long runs."""
+
+    def __init__(self, *, json_out: bool, table: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.json_out = json_out
+        self.rows: list[tuple[str, str, float]] | None = [] if table else None
+        self.bar = None
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "problem":
+            self._write(f"[bold red]error:[/] {_plain(data['error'])}")
+        elif kind == "start":
+            if data["skipped"]:
+                self._write(f"{data['skipped']} of {data['total']} images already captioned; "
+                            f"captioning the other {data['todo']}")
+            self._start_bar(data["todo"])
+        elif kind == "batch":
+            for failure in data["failures"]:
+                self._write(f"[bold red]error:[/] {_plain(failure)}")
+            if self.json_out:
+                self._clear()
+                for record in data["records"]:
+                    typer.echo(json.dumps(record))  # flushed line by line: a pipe sees each batch at once
+            if self.rows is not None:
+                self.rows += [(r["image"], r["caption"], r["logprob"]) for r in data["records"]]
+            if self.bar is not None:
+                self.bar.update(len(data["records"]) + len(data["failures"]))  # redraws the cleared bar
+
+    def _start_bar(self, todo: int) -> None:
+        """A bar with images/s when the run outlasts a screenful; none when stdout is a pipe of JSON lines."""
+        import shutil
+
+        from tqdm import tqdm
+
+        piped_json = self.json_out and not sys.stdout.isatty()
+        if todo > shutil.get_terminal_size().lines and not piped_json:
+            self.bar = tqdm(total=todo, unit="img", dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    def _clear(self) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+
+    def _write(self, text: str) -> None:
+        self._clear()
+        self.console.print(text)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def summary(self, result: Any) -> None:
+        """The table of a small run; for a results file, what it holds and every failure again."""
+        if self.rows:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(show_header=True)
+            table.add_column("image", overflow="fold")
+            table.add_column("caption")
+            table.add_column("log p", justify="right")
+            for image, text, logprob in self.rows:
+                table.add_row(_plain(image), _plain(text), f"{logprob:.2f}")
+            Console().print(table)
+        if result.out is None:
+            return
+        self.console.print(f"captioned {result.captioned} images ({result.skipped} already done) -> "
+                           f"{_plain(result.out)} ({result.records} results)")
+        if result.failures:  # listed again: under a progress bar the first report has long scrolled away
+            self.console.print(f"{len(result.failures)} could not be captioned:")
+            for failure in result.failures:
+                self.console.print(f"  {_plain(failure)}")
 
 
 # ----------------------------------------------------------------------------- attend

@@ -10,7 +10,7 @@ benchmarks hold the cached path to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class Hypothesis:
     score: float  # the value the search ranked by (logprob, or length-normalised for beam search)
     cross: torch.Tensor | None = None  # (T, L, H, N): cross-attention of each generated token, if asked
     grid: tuple[int, int] | None = None  # (h, w) of the encoder grid, to fold N back into an image
+    runners_up: list[Hypothesis] = field(default_factory=list)  # beam search's next best, when n_best > 1
 
 
 @dataclass
@@ -108,15 +109,20 @@ def naive_greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions)
 
 @torch.inference_mode()
 def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, beam: int = 3,
-                length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                need_weights: bool = False) -> list[Hypothesis]:
+                length_penalty: float = 0.0, no_repeat_ngram: int = 0, need_weights: bool = False,
+                n_best: int = 1) -> list[Hypothesis]:
     """Keep the `beam` best prefixes per image; all (images x beams) rows advance as one batch.
 
     Finished hypotheses are ranked by logprob / length**length_penalty (0 = plain log-probability,
     1 = per-token average). `no_repeat_ngram` > 0 forbids repeating any n-gram of that size.
+    n_best > 1 (at most `beam`) also returns each image's next best finished hypotheses, ranked, as the
+    best one's `runners_up`: the search only stops once no live beam can beat the beam-th best finished
+    one, so the first `beam` of them are final.
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
+    if not 1 <= n_best <= beam:
+        raise ValueError(f"n_best must be between 1 and beam ({beam}), got {n_best}")
     B, device = images.shape[0], images.device
     K = beam
     encoded = model.encode(images)
@@ -162,8 +168,11 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
 
     results = []
     for b in range(B):
-        score, lp, seq, crosses = max(finished[b], key=lambda f: f[0])
-        results.append(Hypothesis(seq, lp, score, crosses, encoded.grid))
+        # sorted() is stable (reverse too): among equal scores the first to finish stays first
+        ranked = sorted(finished[b], key=lambda f: f[0], reverse=True)[:n_best]
+        best, *runners_up = [Hypothesis(seq, lp, score, crosses, encoded.grid) for score, lp, seq, crosses in ranked]
+        best.runners_up = runners_up
+        results.append(best)
     return results
 
 
@@ -315,6 +324,7 @@ class Caption:
     score: float  # what the search ranked by (equals logprob unless a length penalty was used)
     cross: torch.Tensor | None = None  # (T, L, H, N) decoder cross-attention per word (+ <eos> step)
     grid: tuple[int, int] | None = None  # (h, w): N = h*w regions of the encoder
+    runners_up: list[Caption] = field(default_factory=list)  # the next best of a beam search, with n_best > 1
 
 
 @dataclass
@@ -330,10 +340,14 @@ class DecodeSettings:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    n_best: int = 1  # captions kept per image (beam search only): the best, then its runners-up
 
     def __post_init__(self) -> None:
         if not 1 <= self.beam <= 64:
             raise ConfigError(f"--beam must be between 1 and 64, got {self.beam}")
+        if not 1 <= self.n_best <= self.beam or (self.n_best > 1 and self.sample):
+            raise ConfigError(f"--n-best must be between 1 and --beam ({self.beam}) and needs beam search, "
+                              f"got {self.n_best}")
         if not 1 <= self.max_len <= 500:
             raise ConfigError(f"--max-len must be between 1 and 500, got {self.max_len}")
         if self.no_repeat_ngram < 0:
@@ -365,9 +379,13 @@ def decode_batch(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor,
         hyps = greedy(model, images, opts, need_weights=need_weights)
     else:
         hyps = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
-                           no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights)
-    captions = []
-    for h in hyps:
-        text = vocab.decode(h.tokens)  # specials are never generated, so words align with h.cross
-        captions.append(Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid))
-    return captions
+                           no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights,
+                           n_best=settings.n_best)
+    return [_caption(vocab, h) for h in hyps]
+
+
+def _caption(vocab: Vocabulary, h: Hypothesis) -> Caption:
+    """Token ids -> words; specials are never generated, so the words align with h.cross."""
+    text = vocab.decode(h.tokens)
+    return Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid,
+                   [_caption(vocab, r) for r in h.runners_up])

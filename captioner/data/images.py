@@ -133,8 +133,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as an upright RGB image, or raise ImageError naming the file and the reason."""
+def load_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
+    """Open an image file as an upright RGB image, or raise ImageError naming the file and the reason.
+
+    min_side: the caller shrinks the image to this side anyway, so a format that can decode at a reduced
+    scale does so, never below min_side on either axis (JPEG's draft mode: 1/2, 1/4 or 1/8 of each side,
+    done inside the decoder, which then touches a fraction of the pixels). Other formats decode in full.
+    """
     path = Path(path)
     _check_file(path)
     with _strict_decoding():
@@ -142,10 +147,12 @@ def load_image(path: str | Path) -> Image.Image:
         try:
             with im:
                 try:
+                    if min_side is not None:
+                        im.draft(None, (min_side, min_side))  # a no-op for formats without reduced decoding
                     im.load()
                 except Image.DecompressionBombError as err:
                     raise ImageError(path, f"refused as a decompression bomb ({err})") from None
-                except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as err:
+                except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError, AssertionError) as err:
                     raise ImageError(path, f"truncated or corrupt image data ({err})") from None
                 try:
                     upright = ImageOps.exif_transpose(im)
