@@ -10,14 +10,25 @@ import inspect
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from captioner import __version__
-from captioner.config import PRECISION_HELP, Baseline, Device, Encoder, Format, Precision, Preset, Schedule, Score
+from captioner.config import (
+    PRECISION_HELP,
+    Baseline,
+    Device,
+    Encoder,
+    Format,
+    Precision,
+    Preset,
+    Schedule,
+    Score,
+    Split,
+    Which,
+)
 from captioner.errors import CaptionerError, ConfigError
 
 app = typer.Typer(
@@ -34,17 +45,6 @@ app.add_typer(data_app, name="data")
 F = TypeVar("F", bound=Callable[..., Any])
 ImageDir = Annotated[str | None, typer.Option("--images", help="Image folder for the dataset's relative paths.")]
 Patterns = Annotated[list[str], typer.Argument(metavar="IMAGES", help="Image files, directories or glob patterns.")]
-
-
-class Which(str, Enum):
-    best = "best"
-    last = "last"
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-    test = "test"
 
 
 def _plain(value: object) -> str:
@@ -233,14 +233,33 @@ def _run_training(resolved: Any, *, resume: Path | None, out: Path | None, skip_
         view.close()
 
 
-class _TrainView:
-    """Renders training events: a tqdm bar with loss, lr and images/s; rich lines for validations."""
+class _BarView:
+    """Lines on stderr through rich, around an optional tqdm bar that they never tear."""
 
-    def __init__(self) -> None:
+    def __init__(self, **console: Any) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, soft_wrap=True)  # a line naming a file stays one line in a log
+        self.console = Console(stderr=True, soft_wrap=True, **console)  # a line naming a file stays one line
         self.bar = None
+
+    def _clear(self) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+
+    def _write(self, text: str) -> None:
+        self._clear()
+        self.console.print(text)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _TrainView(_BarView):
+    """Renders training events: a tqdm bar with loss, lr and images/s; rich lines for validations."""
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         from tqdm import tqdm
@@ -272,17 +291,6 @@ class _TrainView:
                             f"{data['configured']} steps at this machine's pace (refitted after each validation)")
         elif kind == "warning":
             self._write(f"[bold yellow]warning:[/] {_plain(data['message'])}")
-
-    def _write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.clear()
-        self.console.print(text)
-        if self.bar is not None:
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _print_result(result: Any) -> None:
@@ -369,16 +377,13 @@ def caption(
         raise typer.Exit(1)
 
 
-class _CaptionView:
+class _CaptionView(_BarView):
     """Renders `caption_many` events: errors as met, JSON lines or a table, a progress bar for long runs."""
 
     def __init__(self, *, json_out: bool, table: bool) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        super().__init__(highlight=False)
         self.json_out = json_out
         self.rows: list[tuple[str, str, float]] | None = [] if table else None
-        self.bar = None
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "problem":
@@ -409,21 +414,6 @@ class _CaptionView:
         piped_json = self.json_out and not sys.stdout.isatty()
         if todo > shutil.get_terminal_size().lines and not piped_json:
             self.bar = tqdm(total=todo, unit="img", dynamic_ncols=True, file=sys.stderr, disable=None)
-
-    def _clear(self) -> None:
-        if self.bar is not None:
-            self.bar.clear()
-
-    def _write(self, text: str) -> None:
-        self._clear()
-        self.console.print(text)
-        if self.bar is not None:
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
     def summary(self, result: Any) -> None:
         """The table of a small run; for a results file, what it holds and every failure again."""

@@ -69,6 +69,17 @@ PRECISION_HELP = ("fp32: everything in float32. bf16/fp16: matrix products in th
                   "else fp32.")
 
 
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+class Which(str, Enum):  # which weights of a run: kept by validation, or the latest
+    best = "best"
+    last = "last"
+
+
 class Baseline(str, Enum):
     mean = "mean"
     greedy = "greedy"
@@ -80,6 +91,7 @@ def _values(choices: type[Enum]) -> tuple[str, ...]:
 
 ENCODERS, PRESET_NAMES, SCORES, SCHEDULES = _values(Encoder), _values(Preset), _values(Score), _values(Schedule)
 FORMATS, DEVICES, PRECISIONS, BASELINES = _values(Format), _values(Device), _values(Precision), _values(Baseline)
+SPLITS = _values(Split)
 CNN_ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
 VIT_STEM_STRIDES = {"linear": 1, "conv": 4, "resnet": 16}  # how far each ViT stem downsamples before the patches
 

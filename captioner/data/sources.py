@@ -28,13 +28,12 @@ from typing import Any
 
 from PIL import Image
 
-from captioner.config import FORMATS
+from captioner.config import FORMATS, SPLITS
 from captioner.data.images import check_image, load_image
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import DataError
 
-SPLITS = ("train", "val", "test")
 MAX_CAPTION_TOKENS = 100  # longer "captions" are paragraphs or broken rows, not captions: dropped and counted
 HASH_SPLIT = (90, 5, 5)  # train/val/test percentages for datasets that carry no split
 

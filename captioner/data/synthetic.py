@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioner.config import SPLITS
 from captioner.data.vocab import tokenize
 from captioner.errors import DataError
 
@@ -39,7 +40,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 15),
 }
 SIZES: dict[str, float] = {"small": 0.17, "large": 0.32}  # object side as a fraction of the image side
-SPLITS = ("train", "val", "test")
 
 # Relation phrase -> (axis, sign): "X to the left of Y" holds when Y's centre x exceeds X's.
 RELATIONS: dict[str, tuple[int, int]] = {
