@@ -90,9 +90,12 @@ def scst_loss(model: torch.nn.Module, images: torch.Tensor, refs: list[list[str]
                   "started": t_start}
 
 
-def scst_step_fn(scst: SCSTConfig, cider: Any, refs_by_id: dict[str, list[str]],
-                 generator: torch.Generator) -> training.StepFn:
-    """The SCST step for `training.fit`: sample, reward, and one update through the shared gradient path."""
+def scst_step_fn(scst: SCSTConfig, cider: Any, refs_by_id: dict[str, list[str]], generator: torch.Generator,
+                 shares: list[float]) -> training.StepFn:
+    """The SCST step for `training.fit`: sample, reward, and one update through the shared gradient path.
+
+    Each step's share of time spent on rewards is appended to `shares` as well as reported.
+    """
     def step(run: training.Run, batch: Batch) -> dict[str, Any]:
         images = batch.images.to(run.device)
         refs = [refs_by_id[i] for i in batch.image_ids]
@@ -100,9 +103,8 @@ def scst_step_fn(scst: SCSTConfig, cider: Any, refs_by_id: dict[str, list[str]],
                                 generator=generator, dtype=run.precision.train_autocast)
         training.apply_gradients(run, loss)
         loss_value = loss.item()  # waits for the update on a GPU, so the share covers all of the step
-        seconds = time.perf_counter() - stats["started"]
-        return {"loss": loss_value, "reward": stats["reward"], "reward_share": stats["reward_seconds"] / seconds,
-                "images": images.shape[0]}
+        shares.append(stats["reward_seconds"] / (time.perf_counter() - stats["started"]))
+        return {"loss": loss_value, "reward": stats["reward"], "reward_share": shares[-1], "images": images.shape[0]}
 
     return step
 
@@ -116,15 +118,9 @@ def train_scst(source: Path | str, cfg: TrainConfig, scst: SCSTConfig, *, out: P
     cider = metrics.CiderD([s.captions for s in train_samples])
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
     shares: list[float] = []
-    step = scst_step_fn(scst, cider, {s.image_id: s.captions for s in train_samples}, generator)
-
-    def step_and_note(run: training.Run, batch: Batch) -> dict[str, Any]:
-        stats = step(run, batch)
-        shares.append(stats["reward_share"])
-        return stats
-
+    step = scst_step_fn(scst, cider, {s.image_id: s.captions for s in train_samples}, generator, shares)
     training.validate(run)  # step 0: the cross-entropy weights, which stay `best` unless SCST beats them
-    result = training.fit(run, step_and_note)
+    result = training.fit(run, step)
     result.best = {**result.best, "reward_share": round(sum(shares) / max(len(shares), 1), 4)}
     return result
 
