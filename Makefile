@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUN ?= runs/demo
 ENCODER ?= vit
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test install install-dev lint bench real-set clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ lint: install-dev
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
+
+# A real captioned image set (Debian's public-domain clip art for train/val, Tux Paint's stamps for test):
+# downloads packages, so never part of `make test`. benchmarks/build_real_set.py says what it builds.
+real-set: install
+	apt-get install -y --no-install-recommends openclipart-svg tuxpaint-stamps-default librsvg2-bin
+	$(BIN)/python benchmarks/build_real_set.py --out /tmp/real_set
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

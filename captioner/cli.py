@@ -29,7 +29,7 @@ from captioner.config import (
     Split,
     Which,
 )
-from captioner.errors import CaptionerError, ConfigError
+from captioner.errors import CaptionerError, ConfigError, printable
 
 app = typer.Typer(
     name="captioner",
@@ -48,14 +48,15 @@ Patterns = Annotated[list[str], typer.Argument(metavar="IMAGES", help="Image fil
 
 
 def _plain(value: object) -> str:
-    """Text from outside (a file name, a caption, a note) made safe to embed in rich markup.
+    """Text from outside (a file name, a caption, a note) made safe to embed in rich markup and to show.
 
     Without this a path like `shots[/b]x.jpg` is read as a closing tag: rich raises, and the one-line
-    error becomes a traceback; `[red]x.jpg` would silently lose part of its name.
+    error becomes a traceback; `[red]x.jpg` would silently lose part of its name. Rich passes ESC through,
+    so a name or vocabulary word holding a terminal escape is shown as `\\x1b` rather than obeyed.
     """
     from rich.markup import escape
 
-    return escape(str(value))
+    return escape(printable(str(value)))
 
 
 def _err(message: str) -> None:
@@ -144,6 +145,9 @@ def train(
                                                   "file, CSV, JSONL). Default: the built-in synthetic world.")] = None,
     image_dir: ImageDir = None,
     format: Annotated[Format | None, typer.Option(help="Dataset format (auto-detected by default).")] = None,
+    val_data: Annotated[str | None, typer.Option(help="A separate validation file (e.g. COCO's "
+                                                      "captions_val2017.json); --data is then all training.")] = None,
+    val_images: Annotated[str | None, typer.Option(help="Image folder of --val-data.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<encoder>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
@@ -152,7 +156,10 @@ def train(
                                                      "(default 9.5 for the built-in world). Without "
                                                      "--max-steps/--epochs the schedule is fitted to it.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Images per step.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Images per forward pass (per process).")
+                          ] = None,
+    accumulate: Annotated[int | None, typer.Option(min=1, max=1024, help="Batches per optimiser step (gradient "
+                                                   "accumulation: a larger batch in the same memory).")] = None,
     captions_per_image: Annotated[int | None, typer.Option(
         min=1, max=64, help="Captions of each image trained on per step (encoded once; default 5).")] = None,
     lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
@@ -166,18 +173,37 @@ def train(
     precision: Annotated[Precision | None, typer.Option(help=PRECISION_HELP)] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     val_every: Annotated[int | None, typer.Option(min=1, help="Validate every N steps (default: each epoch).")] = None,
-    early_stop: Annotated[int | None, typer.Option(min=1, help="Stop after N validations without gain.")] = None,
+    early_stop: Annotated[int | None, typer.Option(min=1, help="Stop after N validations without gain (default on "
+                                                   "a dataset: 3, when neither --epochs nor --max-steps is given).")
+                          ] = None,
     scheduled_sampling: Annotated[float | None, typer.Option(min=0.0, max=1.0,
                                                              help="Final prob. of feeding own tokens.")] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader worker processes.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Processes decoding images for training (default: "
+                                                "a share of the cores for datasets, 0 for the built-in world).")
+                       ] = None,
     image_size: Annotated[int | None, typer.Option(min=16, max=1024)] = None,
     patch_size: Annotated[int | None, typer.Option(min=1, max=256, help="ViT patch side (divides image size).")] = None,
     cnn_arch: Annotated[str | None, typer.Option(help="resnet_small, resnet18, resnet34 or resnet50.")] = None,
     cnn_stride: Annotated[int | None, typer.Option(help="CNN output stride: 16 or 32.")] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--scratch",
-                                                    help="Start the CNN from ImageNet weights (local).")] = None,
-    backbone_weights: Annotated[Path | None, typer.Option(help="Local backbone state-dict file.")] = None,
+    pretrained: Annotated[bool | None, typer.Option(
+        "--pretrained/--scratch",
+        help="Start the encoder from torchvision's ImageNet weights: --backbone-weights, else torchvision's cache, "
+             "else downloaded into it. A preset encoder without such weights (tiny's) becomes resnet50 (cnn) or "
+             "vit_b_16 (vit) at 224 px, unless --cnn-arch/--image-size say otherwise.")] = None,
+    backbone_weights: Annotated[Path | None, typer.Option(
+        help="Local state-dict file of the backbone (e.g. torchvision's resnet50-11ad3fa6.pth); never downloaded. "
+             "Implies a torchvision backbone as --pretrained does.")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone/--finetune-backbone")] = None,
+    feature_cache: Annotated[bool | None, typer.Option(
+        "--feature-cache/--no-feature-cache", help="With --freeze-backbone: compute each training image's backbone "
+        "features once and reuse them (no augmentation); default on.")] = None,
+    backbone_lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate of a pretrained "
+                                                      "backbone (default: 0.1 x --lr).")] = None,
+    freeze_backbone_epochs: Annotated[int | None, typer.Option(min=0, help="Epochs on a frozen backbone before it "
+                                                               "fine-tunes.")] = None,
+    min_count: Annotated[int | None, typer.Option(min=1, help="Words seen fewer times become <unk> (default: 5 "
+                                                  "on large datasets, 2 on small, 1 on the built-in world).")] = None,
+    max_vocab: Annotated[int | None, typer.Option(min=5, help="Vocabulary size cap (default 10000).")] = None,
     cross_score: Annotated[Score | None, typer.Option(help="Cross-attention scoring function.")] = None,
     vit_backbone: Annotated[str | None, typer.Option(help="ours or vit_b_16 (torchvision body, local weights).")
                             ] = None,
@@ -194,16 +220,20 @@ def train(
     from captioner import checkpoint
     from captioner.config import resolve
 
-    cli = dict(encoder=encoder, preset=preset, data=data, image_dir=image_dir, format=format, epochs=epochs,
-               time_limit=time_limit, max_steps=max_steps, batch_size=batch_size,
+    cli = dict(encoder=encoder, preset=preset, data=data, image_dir=image_dir, format=format, val_data=val_data,
+               val_images=val_images, epochs=epochs,
+               time_limit=time_limit, max_steps=max_steps, batch_size=batch_size, accumulate=accumulate,
                captions_per_image=captions_per_image, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
-               scheduled_sampling=scheduled_sampling, workers=workers)
-    model_cli = dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
-                     pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
-                     freeze_backbone=freeze_backbone, cross_score=cross_score, vit_backbone=vit_backbone,
-                     vit_pos=vit_pos, cls_token=cls_token, **_parse_set(set_ or []))
+               scheduled_sampling=scheduled_sampling, workers=workers, backbone_lr=backbone_lr,
+               freeze_backbone_epochs=freeze_backbone_epochs, min_count=min_count, max_vocab=max_vocab,
+               feature_cache=feature_cache)
+    # --set may name a field that has its own option too (--set cnn_arch=resnet18): it wins, as the later word.
+    model_cli = {**dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
+                        pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
+                        freeze_backbone=freeze_backbone, cross_score=cross_score, vit_backbone=vit_backbone,
+                        vit_pos=vit_pos, cls_token=cls_token), **_parse_set(set_ or [])}
     if not scst and (scst_samples is not None or scst_baseline is not None):
         raise ConfigError("--scst-samples and --scst-baseline only apply with --scst")
     if scst and resume is None:
@@ -211,14 +241,14 @@ def train(
     saved = checkpoint.read_run_config(resume) if resume is not None else None
     scst_options = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None) if scst else None
     resolved = resolve(cli=cli, model_cli=model_cli, config_file=config, saved=saved, scst=scst_options)
+    for note in resolved.notes:  # what resolving chose for the user (--pretrained's encoder), said before any work
+        typer.echo(printable(note), err=True)
     _print_result(_run_training(resolved, resume=resume, out=out, skip_bad_images=skip_bad_images))
 
 
 def _run_training(resolved: Any, *, resume: Path | None, out: Path | None, skip_bad_images: bool) -> Any:
     """Train (or SCST fine-tune) with a progress view on the terminal; the run's result."""
-    import time
-
-    from captioner import training
+    from captioner import checkpoint, training
 
     view = _TrainView()
     try:
@@ -226,11 +256,27 @@ def _run_training(resolved: Any, *, resume: Path | None, out: Path | None, skip_
             from captioner.scst import train_scst
 
             return train_scst(resume, resolved.train, resolved.scst, out=out, on_event=view.on_event)
-        run_dir = resume or out or Path("runs") / f"{resolved.train.encoder}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return training.train(resolved.train, run_dir, resume=resume is not None, on_event=view.on_event,
-                              skip_bad_images=skip_bad_images)
+        run_dir = resume or out or _new_run_dir(resolved.train.encoder)
+        try:
+            return training.train(resolved.train, run_dir, resume=resume is not None, on_event=view.on_event,
+                                  skip_bad_images=skip_bad_images)
+        except BaseException:
+            if resume is None and out is None:
+                checkpoint.discard_if_unused(run_dir)  # a default folder the failed start made: no litter in runs/
+            raise
     finally:
         view.close()
+
+
+def _new_run_dir(encoder: str) -> Path:
+    """A new folder runs/<encoder>-<time> of this run alone; under torchrun every rank must be told one with --out."""
+    import os
+
+    from captioner import checkpoint
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun give the run directory with --out, so every process writes to the same one")
+    return checkpoint.new_run_dir(checkpoint.DEFAULT_ROOT, encoder)
 
 
 class _BarView:
@@ -291,6 +337,16 @@ class _TrainView(_BarView):
                             f"{data['configured']} steps at this machine's pace (refitted after each validation)")
         elif kind == "warning":
             self._write(f"[bold yellow]warning:[/] {_plain(data['message'])}")
+        elif kind == "note":
+            self._write(_plain(data["message"]))
+        elif kind == "progress":  # preparation before the first step (the feature cache)
+            if self.bar is None:
+                self.bar = tqdm(total=data["total"], unit="image", desc=data["what"], dynamic_ncols=True,
+                                file=sys.stderr, disable=None)
+            self.bar.n = data["done"]
+            self.bar.refresh()
+            if data["done"] >= data["total"]:
+                self.close()  # the step bar follows
 
 
 def _print_result(result: Any) -> None:
@@ -556,7 +612,7 @@ def data_synth(
     from captioner.data.synthetic import write_synthetic
 
     path = write_synthetic(out, n, split=split.value, seed=seed, image_size=image_size)
-    typer.echo(f"wrote {n} {split.value} scenes to {out} (annotations: {path})")
+    typer.echo(printable(f"wrote {n} {split.value} scenes to {out} (annotations: {path})"))
 
 
 @data_app.command("check")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -93,7 +95,54 @@ ENCODERS, PRESET_NAMES, SCORES, SCHEDULES = _values(Encoder), _values(Preset), _
 FORMATS, DEVICES, PRECISIONS, BASELINES = _values(Format), _values(Device), _values(Precision), _values(Baseline)
 SPLITS = _values(Split)
 CNN_ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
+TORCHVISION_CNN_ARCHS = CNN_ARCHS[1:]  # those torchvision publishes ImageNet weights for
 VIT_STEM_STRIDES = {"linear": 1, "conv": 4, "resnet": 16}  # how far each ViT stem downsamples before the patches
+
+
+# ----------------------------------------------------------------------------- checks shared by the configs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is a Python int: refuse it
+
+
+def _is_number(value: Any) -> bool:
+    # A huge int is finite (and math.isfinite would overflow on it); NaN and inf never are a setting.
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _allowed(low: float, high: float | None) -> str:
+    return f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Refuse anything but an integer in [low, high] (high None: no upper bound), naming the field."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        raise ConfigError(f"{name} must be an integer {_allowed(low, high)}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float, high: float) -> None:
+    """Refuse anything but a finite number in [low, high] (an integer counts), naming the field."""
+    if not _is_number(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a number {_allowed(low, high)}, got {value!r}")
+
+
+def check_types(config: Any) -> None:
+    """Refuse a str, bool or optional-str field holding another type: JSON and TOML can give any type anywhere."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "bool" and not isinstance(value, bool):  # "false" in a file is truthy: never guess
+            raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+        if f.type in ("str", "str | None") and not isinstance(value, str) and not (f.type != "str" and value is None):
+            raise ConfigError(f"{f.name} must be a string{'' if f.type == 'str' else ' or null'}, got {value!r}")
+
+
+# Bounds of the model's sizes, inclusive: far beyond any captioner, yet a crafted config.json (a run
+# directory from elsewhere) cannot make loading allocate a model the size of the machine.
+MODEL_BOUNDS = dict(image_size=(1, 1024), patch_size=(1, 256), d_model=(1, 8192), n_heads=(1, 256),
+                    n_layers=(1, 64), enc_layers=(0, 64), d_ff=(1, 65536), vocab_size=(1, 1_000_000))
+MAX_PARAMETERS = 2e9  # 8 GB of float32 weights
+MAX_GRID_SIDE = 128  # ViT patches a side: 16384 regions
 
 
 @dataclass
@@ -117,7 +166,7 @@ class ModelConfig:
     enc_layers: int = 2  # ViT encoder layers (pre-LN self-attention + MLP)
     vit_pos: str = "sinusoidal"  # "sinusoidal" (any grid size) or "learned" (interpolated for other sizes)
     cls_token: bool = False  # prepend a learned CLS slot; it is dropped from the memory the decoder sees
-    vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, local weights only)
+    vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, which has ImageNet weights)
     # How our ViT embeds a patch: "linear" (one linear map of its pixels, Dosovitskiy et al.), "conv" (two
     # stride-2 3x3 convolutions first, Xiao et al. 2021) or "resnet" (the hybrid: patches of a stride-16 CNN
     # feature map, Dosovitskiy et al. section 3.1; 1x1 patches at patch_size 16). Same patch grid for all three.
@@ -125,47 +174,63 @@ class ModelConfig:
     # CNN encoder
     cnn_arch: str = "resnet18"  # ResNet whose last feature map becomes the region sequence (resnet_small: ours)
     cnn_stride: int = 16  # 32 = all four stages; 16 drops layer4 so small images still give a useful grid
-    pretrained: bool = False  # start the backbone from torchvision ImageNet weights (cache or backbone_weights)
-    backbone_weights: str | None = None  # local state-dict file for the backbone; never downloaded
+    # Start the backbone from torchvision's ImageNet weights: backbone_weights, else torchvision's cache, else
+    # downloaded into that cache as torchvision does.
+    pretrained: bool = False
+    backbone_weights: str | None = None  # local state-dict file for the backbone (read, never downloaded)
     freeze_backbone: bool = False  # keep backbone weights fixed (decided here, applied once in the encoder)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Refuse values that could not build a model, naming the allowed range."""
+        """Refuse values that could not build a model, or would build one too big to load, naming the allowed range."""
         if self.encoder not in ENCODERS:
             raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.cross_score not in SCORES:
             raise ConfigError(f"cross_score must be one of {', '.join(SCORES)}, got {self.cross_score!r}")
         if self.cnn_arch not in CNN_ARCHS:
             raise ConfigError(f"cnn_arch must be one of {', '.join(CNN_ARCHS)}, got {self.cnn_arch!r}")
-        if self.cnn_stride not in (16, 32):
-            raise ConfigError(f"cnn_stride must be 16 or 32, got {self.cnn_stride}")
+        if self.cnn_stride not in (16, 32) or not _is_int(self.cnn_stride):
+            raise ConfigError(f"cnn_stride must be 16 or 32, got {self.cnn_stride!r}")
         if self.vit_pos not in ("sinusoidal", "learned"):
             raise ConfigError(f"vit_pos must be sinusoidal or learned, got {self.vit_pos!r}")
-        if self.vit_stem not in VIT_STEM_STRIDES:
+        if self.vit_stem not in tuple(VIT_STEM_STRIDES):  # a tuple: `[] in dict` raises TypeError (unhashable)
             raise ConfigError(f"vit_stem must be one of {', '.join(VIT_STEM_STRIDES)}, got {self.vit_stem!r}")
         if self.vit_backbone not in ("ours", "vit_b_16"):
             raise ConfigError(f"vit_backbone must be ours or vit_b_16, got {self.vit_backbone!r}")
-        for name in ("image_size", "d_model", "n_heads", "n_layers", "d_ff", "vocab_size", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.enc_layers < 0:
-            raise ConfigError(f"enc_layers must be >= 0, got {self.enc_layers}")
+        check_types(self)  # after the choices, whose messages name what is allowed
+        for name, (low, high) in MODEL_BOUNDS.items():
+            check_int(name, getattr(self, name), low, high)
+        check_int("pad_id", self.pad_id, 0, self.vocab_size - 1)
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+        self._check_vit()
+        params = parameter_estimate(self)
+        if params > MAX_PARAMETERS:
+            raise ConfigError(f"this model would have about {params:.3g} parameters, more than the "
+                              f"{MAX_PARAMETERS:.0e} allowed: lower d_model, d_ff, n_layers, enc_layers or vocab_size")
+
+    def _check_vit(self) -> None:
         stem_stride = VIT_STEM_STRIDES[self.vit_stem]
         if self.patch_size % stem_stride:
             raise ConfigError(f"the {self.vit_stem} stem downsamples by {stem_stride} before cutting patches: "
                               f"patch_size must be a multiple of {stem_stride}, got {self.patch_size}")
-        if self.encoder == "vit" and self.vit_backbone == "ours" and self.image_size % self.patch_size:
-            raise ConfigError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
-            )
+        if self.vit_stem == "conv" and self.d_model < 4:  # its convolutions are d_model/4 and /2 wide
+            raise ConfigError(f"the conv stem needs d_model >= 4, got {self.d_model}")
+        if self.encoder == "vit" and self.vit_backbone == "ours":
+            if self.image_size % self.patch_size:
+                raise ConfigError(
+                    f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
+                )
+            side = self.image_size // self.patch_size
+            if side > MAX_GRID_SIDE:  # every region attends to every other: cost grows with side**4
+                raise ConfigError(f"image_size / patch_size must be at most {MAX_GRID_SIDE} patches a side, got "
+                                  f"{self.image_size} / {self.patch_size} = {side}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""
@@ -174,11 +239,37 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Rebuild from `to_dict` output; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a table of field = value, got {_short(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown model config keys: {_names(unknown)}")
         return cls(**data)
+
+
+def parameter_estimate(cfg: ModelConfig) -> float:
+    """Parameters the config asks for, from above (torchvision backbones add a fixed <= 90M); no model is built."""
+    D, F = float(cfg.d_model), float(cfg.d_ff)
+    decoder = cfg.n_layers * (10 * D * D + 2 * D * F)  # self- and cross-attention (+ a general score), FFN
+    encoder = cfg.enc_layers * (4 * D * D + 2 * D * F) if cfg.encoder == "vit" else 0.0
+    stem = 128 * cfg.patch_size ** 2 * D + (cfg.image_size // cfg.patch_size) ** 2 * D  # widest stem, positions
+    return decoder + encoder + stem + cfg.vocab_size * D
+
+
+def _name(key: Any) -> str:
+    """An option name for a message; one that is not a plain word is quoted, so the message stays one line."""
+    key = str(key)
+    return key if key.replace("-", "_").isidentifier() else repr(key)
+
+
+def _names(keys: Any) -> str:
+    return ", ".join(map(_name, sorted(map(str, keys))))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # Presets: `tiny` trains in minutes on a laptop CPU; `small` and `base` are for real datasets on a GPU.
@@ -194,10 +285,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A ModelConfig from a named preset, with any field overridden."""
-    if name not in PRESETS:
+    if name not in PRESET_NAMES:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
+
+# Allowed ranges of the numeric training options, inclusive (None: no upper bound). Where the command line
+# has an option its bounds are the same (cli.py), so a config file or a resumed run's config.json cannot
+# pass what the flag refuses. Step counts stop at 1e9 and the seed at 2**32 - 1 (what every RNG seeds from).
+TRAIN_INTS: dict[str, tuple[int, int | None]] = dict(
+    epochs=(1, 10**9), max_steps=(1, 10**9), batch_size=(1, 4096), accumulate=(1, 1024), captions_per_image=(1, 64),
+    warmup_steps=(0, 10**9), seed=(0, 2**32 - 1), val_every=(1, 10**9), early_stop=(1, 10**9),
+    synth_train=(1, 10**7), synth_val=(0, 10**7), synth_test=(0, 10**7), synth_max_objects=(1, 3),
+    min_count=(1, None), max_vocab=(5, 10**7), max_len=(1, 500), workers=(0, 256),
+    freeze_backbone_epochs=(0, 10**6))
+# None = not set: each field says what it then means
+OPTIONAL_INTS = ("epochs", "max_steps", "val_every", "early_stop", "workers", "min_count")
+TRAIN_NUMBERS = dict(lr=(0.0, 1.0), weight_decay=(0.0, 10.0), grad_clip=(0.0, 1e9), label_smoothing=(0.0, 0.99),
+                     scheduled_sampling=(0.0, 1.0))
 
 # Training options saved under an earlier name by older runs, so they still resume: old name -> new name.
 RENAMED = {"images": "image_dir"}
@@ -215,10 +320,17 @@ class TrainConfig:
     data: str | None = None  # None = the built-in synthetic world
     image_dir: str | None = None  # image folder for datasets whose annotations hold relative paths (--images)
     format: str = "auto"
+    # A separate validation file, e.g. COCO's captions_val2017.json (its own image folder: val_images);
+    # the training file is then all training data unless it names its own splits.
+    val_data: str | None = None
+    val_images: str | None = None
     epochs: int | None = None  # None: DEFAULT_STEPS on the built-in world, 10 epochs on a dataset
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs when set)
     time_limit: float | None = None  # minutes; stop cleanly (validate, save) when reached. None: 9.5 on the world
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per forward pass
+    # Batches whose gradients add up to one optimiser step: a step of batch_size * accumulate images
+    # (per process) in the memory of batch_size.
+    accumulate: int = 1
     # Captions of each image per step, all decoded against one encoding of it (capped at the most any
     # training image has): the encoder dominates a step, so more references per image come cheap.
     captions_per_image: int = 5
@@ -229,13 +341,15 @@ class TrainConfig:
     warmup_steps: int = 500
     schedule: str = "cosine"  # "cosine" (warm-up then half a cosine to 0) or "inverse_sqrt" (then 1/sqrt(step))
     label_smoothing: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # largest gradient norm a step applies; 0 = no clipping (not "zero every gradient")
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # one meaning in training and inference: PRECISION_HELP
     compile: bool = False
     val_every: int | None = None  # validate every N steps; None = once per epoch
-    early_stop: int | None = None  # stop after this many validations without a CIDEr improvement
+    # Stop after this many validations without improving `best`. None: DATASET_PATIENCE on a dataset
+    # trained for its default length (so it trains until it stops improving), never on the built-in world.
+    early_stop: int | None = None
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own token (ramped linearly)
     # Scenes in the built-in world's splits: enough training scenes that the default runs cannot learn
     # them by heart before the schedule ends.
@@ -243,9 +357,22 @@ class TrainConfig:
     synth_val: int = 200
     synth_test: int = 500
     synth_max_objects: int = 3  # 1 gives the one-object world (used to check attention grounding)
-    min_count: int = 1
+    # Words seen fewer times than this in the training captions become <unk>. None: 1 on the built-in
+    # world; on a dataset 5 from LARGE_DATASET captions on (Karpathy's threshold for COCO/Flickr), else 2:
+    # a word seen once cannot be learned, and each one widens the output layer.
+    min_count: int | None = None
+    max_vocab: int = 10000  # at most this many words (the most frequent), specials included
     max_len: int = 30
-    workers: int = 0
+    # The pretrained backbone's learning rate. None: BACKBONE_LR_SHARE of --lr, since ImageNet features
+    # fine-tuned at the decoder's rate are damaged before the decoder has learned to use them.
+    backbone_lr: float | None = None
+    freeze_backbone_epochs: int = 0  # train the decoder alone on a frozen backbone this many epochs first
+    # With a backbone frozen for the whole run (--freeze-backbone) on a dataset, compute each training
+    # image's backbone features once and reuse them every epoch and run (feature_cache.py; un-augmented).
+    feature_cache: bool = True
+    # DataLoader worker processes; None: 0 on the built-in world (its scenes are rendered once and cached in
+    # the main process), else a share of the cores, so decoding photos never starves the step.
+    workers: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # model config overrides (field=value)
 
     def __post_init__(self) -> None:
@@ -257,22 +384,19 @@ class TrainConfig:
                               ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+        if self.device not in DEVICES and not (isinstance(self.device, str) and re.fullmatch(r"cuda:\d+", self.device)):
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
-        at_least = dict(batch_size=1, captions_per_image=1, warmup_steps=0, min_count=1, max_len=1, workers=0,
-                        epochs=1, max_steps=1, val_every=1, early_stop=1, synth_train=1, synth_val=0,
-                        synth_test=0, synth_max_objects=1)
-        for name, low in at_least.items():
+        check_types(self)  # after the choices, whose messages name what is allowed
+        for name, (low, high) in TRAIN_INTS.items():
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 10.0), ("grad_clip", 0.0, 1e9),
-                                ("label_smoothing", 0.0, 0.99), ("scheduled_sampling", 0.0, 1.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
-        if self.time_limit is not None and (not isinstance(self.time_limit, (int, float)) or self.time_limit <= 0):
-            raise ConfigError(f"time_limit must be a positive number of minutes, got {self.time_limit!r}")
+            if value is not None or name not in OPTIONAL_INTS:
+                check_int(name, value, low, high)
+        for name, (low, high) in TRAIN_NUMBERS.items():
+            check_number(name, getattr(self, name), low, high)
+        if self.backbone_lr is not None:
+            check_number("backbone_lr", self.backbone_lr, *TRAIN_NUMBERS["lr"])
+        if self.time_limit is not None and (not _is_number(self.time_limit) or not 0 < self.time_limit <= 1e7):
+            raise ConfigError(f"time_limit must be a positive number of minutes (at most 1e7), got {self.time_limit!r}")
         self.model_config()  # the model options must build a model too
 
     def model_config(self, *, vocab_size: int = 64, pad_id: int = 0) -> ModelConfig:
@@ -286,9 +410,9 @@ class TrainConfig:
             raise ConfigError("choose the encoder with --encoder (or `encoder` at the top of a config file), "
                               "not as a model option")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(self.extra) - known)
+        unknown = set(self.extra) - known
         if unknown:
-            raise ConfigError(f"unknown model options: {', '.join(unknown)} "
+            raise ConfigError(f"unknown model options: {_names(unknown)} "
                               f"(known: {', '.join(sorted(known - set(FROM_VOCABULARY) - {'encoder'}))})")
         try:
             return preset(self.preset, encoder=self.encoder, vocab_size=vocab_size, pad_id=pad_id, **self.extra)
@@ -302,10 +426,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict of options; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"training options must be a table of option = value, got {_short(data)}")
         data = {RENAMED.get(k, k): v for k, v in data.items()}
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown training options: {', '.join(unknown)}")
+            raise ConfigError(f"unknown training options: {_names(unknown)}")
         return cls(**data)
 
     def resolved_steps(self, steps_per_epoch: int) -> int:
@@ -316,7 +442,29 @@ class TrainConfig:
             return self.epochs * steps_per_epoch
         if self.data is None:
             return DEFAULT_STEPS[self.encoder]
-        return 10 * steps_per_epoch
+        return DATASET_MAX_EPOCHS * steps_per_epoch  # a cap: early stop or the time limit ends it sooner
+
+    def default_length(self) -> bool:
+        """Neither --max-steps nor --epochs: the run's length is the data's default, fitted to any time limit."""
+        return self.max_steps is None and self.epochs is None
+
+    def resolved_early_stop(self) -> int | None:
+        """Validations without improvement before stopping (see the field)."""
+        if self.early_stop is not None:
+            return self.early_stop
+        return DATASET_PATIENCE if self.data is not None and self.default_length() else None
+
+    def resolved_min_count(self, n_captions: int) -> int:
+        """The vocabulary threshold for this many training captions (see the field)."""
+        if self.min_count is not None:
+            return self.min_count
+        if self.data is None:
+            return 1
+        return 5 if n_captions >= LARGE_DATASET else 2
+
+    def resolved_backbone_lr(self) -> float:
+        """The pretrained backbone's peak learning rate (see the field)."""
+        return self.backbone_lr if self.backbone_lr is not None else self.lr * BACKBONE_LR_SHARE
 
     def resolved_time_limit(self) -> float | None:
         """Minutes after which training stops cleanly (the built-in world's demo must end within 10)."""
@@ -329,6 +477,12 @@ class TrainConfig:
 # On a slower or busier machine the time limit above fits the schedule to the minutes there are
 # (training.TimeBudget), so the run still ends annealed rather than cut off mid-schedule.
 DEFAULT_STEPS = {"vit": 4600, "cnn": 5500}
+# A dataset's default run: at most this many epochs, ended earlier by DATASET_PATIENCE validations (one
+# per epoch) without improvement, or fitted to --time-limit. benchmarks/NOTES.md has the runs behind them.
+DATASET_MAX_EPOCHS = 30
+DATASET_PATIENCE = 3
+LARGE_DATASET = 40_000  # training captions from which rare words are cut at 5 (Flickr8k has 30k, COCO 590k)
+BACKBONE_LR_SHARE = 0.1
 
 
 @dataclass
@@ -342,10 +496,10 @@ class SCSTConfig:
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
             raise ConfigError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        check_int("samples", self.samples, 1, 256)
+        check_number("temperature", self.temperature, 1e-3, 100.0)  # the bounds of `caption --temperature`
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("the mean baseline needs at least 2 samples per image")
-        if self.samples < 1 or self.temperature <= 0:
-            raise ConfigError(f"SCST needs samples >= 1 and temperature > 0, got {self.samples}, {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""
@@ -354,7 +508,8 @@ class SCSTConfig:
 
 # Training options SCST starts from when the command line does not give them: the model is already good,
 # so a small constant learning rate only re-ranks what it can say.
-SCST_DEFAULTS: dict[str, Any] = dict(epochs=2, max_steps=None, batch_size=16, lr=2e-5, warmup_steps=0,
+SCST_DEFAULTS: dict[str, Any] = dict(epochs=2, max_steps=None, batch_size=16, accumulate=1, lr=2e-5,
+                                     warmup_steps=0,
                                      weight_decay=0.0, val_every=None, time_limit=None, early_stop=None,
                                      scheduled_sampling=0.0, label_smoothing=0.0, compile=False)
 # The training options SCST reads; anything else on its command line is refused rather than ignored.
@@ -369,7 +524,12 @@ def read_options_file(path: Path) -> dict[str, Any]:
     """A TOML or JSON file of training options (model options under a `model` table)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: could not read ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err})") from err
     try:
         if path.suffix == ".toml":
             import tomllib  # only when a TOML file is given: start-up stays light
@@ -377,7 +537,7 @@ def read_options_file(path: Path) -> dict[str, Any]:
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: thousands of nested brackets
         raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of options at the top level")
@@ -391,6 +551,7 @@ class Resolved:
     train: TrainConfig
     model: ModelConfig  # vocabulary fields are placeholders until the data is read (fresh runs)
     scst: SCSTConfig | None = None
+    notes: list[str] = field(default_factory=list)  # what resolving changed on the user's behalf, for the CLI
 
 
 def resolve(*, cli: dict[str, Any], model_cli: dict[str, Any], config_file: Path | None = None,
@@ -403,8 +564,8 @@ def resolve(*, cli: dict[str, Any], model_cli: dict[str, Any], config_file: Path
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in cli.items() if v is not None}
     model_given = {k: (v.value if isinstance(v, Enum) else v) for k, v in model_cli.items() if v is not None}
     options = read_options_file(config_file) if config_file is not None else {}
-    model_options = dict(options.pop("model", None) or {})
-    model_options.update(options.pop("extra", None) or {})
+    model_options = _table(options.pop("model", None), "model")
+    model_options.update(_table(options.pop("extra", None), "extra"))
     options.update(given)
     model_options.update(model_given)
     if scst is not None:
@@ -412,11 +573,58 @@ def resolve(*, cli: dict[str, Any], model_cli: dict[str, Any], config_file: Path
     if saved is not None:
         if model_options:
             raise ConfigError("a resumed run keeps its model; drop the model options "
-                              f"({', '.join(sorted(model_options))})")
-        merged = {**saved.get("train", {}), **options}  # the command line may extend a run or change device
-        return Resolved(TrainConfig.from_dict(merged), ModelConfig.from_dict(saved["model"]))
+                              f"({_names(model_options)})")
+        # The command line may extend a run or change its device.
+        merged = {**_table(saved.get("train"), "train"), **options}
+        return Resolved(TrainConfig.from_dict(merged), ModelConfig.from_dict(saved.get("model")))
+    note = _pretrained_switch(options, model_options)
     cfg = TrainConfig.from_dict({**options, "extra": model_options})
-    return Resolved(cfg, cfg.model_config())
+    return Resolved(cfg, cfg.model_config(), notes=[note] if note else [])
+
+
+# What --pretrained switches a preset's encoder to when it has no ImageNet weights: torchvision's most
+# used ResNet, or its ViT-B/16, at the resolution those weights were trained at (Preprocess already
+# normalises with ImageNet's mean and std, the weights' own).
+PRETRAINED_CNN = "resnet50"
+PRETRAINED_IMAGE_SIZE = 224
+_PRETRAINABLE = {"cnn": ("cnn_arch", TORCHVISION_CNN_ARCHS), "vit": ("vit_backbone", ("vit_b_16",))}
+
+
+def _pretrained_switch(options: dict[str, Any], model_options: dict[str, Any]) -> str | None:
+    """Give a fresh run that asks for pretrained weights an encoder that has them; the one-line note, or None.
+
+    Only what the user left to the preset changes (`model_options`, edited in place, holds what the config
+    file and command line chose): an explicit torchvision arch or image size is kept, and an explicit
+    resnet_small or our own ViT is not switched (its own weights file may be meant; the encoder says more).
+    """
+    flag = "--pretrained" if model_options.get("pretrained") is True else "--backbone-weights"
+    weights = model_options.get("backbone_weights")
+    name, encoder = options.get("preset", "tiny"), options.get("encoder", "vit")
+    if flag == "--backbone-weights" and not (isinstance(weights, str) and weights):
+        return None
+    if name not in PRESET_NAMES or encoder not in ENCODERS:  # tuples: an unhashable value just fails the test
+        return None  # validation names the problem
+    field_name, archs = _PRETRAINABLE[encoder]
+    own = PRESETS[name].get(field_name, _field_default(field_name))
+    chosen = model_options.get(field_name)
+    if own in archs or (chosen is not None and chosen not in archs):
+        return None
+    size = model_options.get("image_size")
+    if chosen is not None and size is not None:
+        return None  # the user chose the arch and the size: nothing to switch
+    arch = chosen or (PRETRAINED_CNN if encoder == "cnn" else "vit_b_16")
+    size = PRETRAINED_IMAGE_SIZE if size is None else size
+    model_options.update({field_name: arch, "image_size": size})
+    if arch == "vit_b_16" and _is_int(size) and size % 16:
+        raise ConfigError(f"{flag} uses torchvision's vit_b_16, whose 16-px patches need an image size "
+                          f"divisible by 16, got {size}: drop --image-size or give a multiple of 16")
+    described = own if encoder == "cnn" else "our own ViT"
+    return (f"{flag}: the {name} preset's {encoder} encoder ({described}) has no ImageNet weights; using "
+            f"torchvision {arch} at {size} px (ImageNet normalisation)")
+
+
+def _field_default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(ModelConfig) if f.name == name)
 
 
 def _resolve_scst(options: dict[str, Any], model_options: dict[str, Any], saved: dict[str, Any] | None,
@@ -426,9 +634,21 @@ def _resolve_scst(options: dict[str, Any], model_options: dict[str, Any], saved:
         raise ConfigError("--scst fine-tunes a trained run: give it with --resume RUN_DIR")
     unused = sorted(k for k in options if k not in SCST_OPTIONS) + sorted(model_options)
     if unused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        flags = ", ".join(_name("--" + str(k).replace("_", "-")) for k in unused)
         raise ConfigError(f"{flags}: not used by --scst, which fine-tunes the run as it is "
                           f"(its options: {', '.join('--' + k.replace('_', '-') for k in SCST_OPTIONS)})")
-    merged = {**saved.get("train", {}), **SCST_DEFAULTS, **options}
-    return Resolved(TrainConfig.from_dict(merged), ModelConfig.from_dict(saved["model"]),
+    merged = {**_table(saved.get("train"), "train"), **SCST_DEFAULTS, **options}
+    unknown = set(scst) - {f.name for f in dataclasses.fields(SCSTConfig)}
+    if unknown:
+        raise ConfigError(f"unknown SCST options: {_names(unknown)}")
+    return Resolved(TrainConfig.from_dict(merged), ModelConfig.from_dict(saved.get("model")),
                     SCSTConfig(**{k: v for k, v in scst.items() if v is not None}))
+
+
+def _table(value: Any, name: str) -> dict[str, Any]:
+    """A section of options (`model`, `extra`, a saved run's `train`) as a dict; absent = empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a table of option = value, got {_short(value)}")
+    return dict(value)

@@ -74,7 +74,8 @@ def decode_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Vocabu
     model.eval()
     captions: list[Caption] = []
     for chunk in _batches(samples, batch_size):
-        images = to_tensor_batch([sample_image(s) for s in chunk], preprocess).to(device)
+        pils = [sample_image(s, min_side=preprocess.image_size) for s in chunk]
+        images = to_tensor_batch(pils, preprocess).to(device)
         captions.extend(decode_batch(model, vocab, images, settings, need_weights=need_weights))
     model.train(was_training)
     return captions
@@ -95,16 +96,22 @@ def evaluate_samples(model: CaptionModel, samples: Sequence[Sample], vocab: Voca
     need_weights = grounding and synthetic
     captions = decode_samples(model, samples, vocab, preprocess, device=device, settings=settings,
                               batch_size=batch_size, need_weights=need_weights)
-    predictions = {s.image_id: c.text for s, c in zip(samples, captions, strict=True)}
-    references = {s.image_id: s.captions for s in samples}
-    report = score_predictions(predictions, references, java=java)
+    report = score_samples(samples, [c.text for c in captions], java=java, synthetic=synthetic)
+    if need_weights:
+        report.grounding = synthetic_grounding(samples, captions)
+    return report
+
+
+def score_samples(samples: Sequence[Sample], texts: Sequence[str], *, java: bool | None = None,
+                  synthetic: bool = False) -> EvalReport:
+    """Score one caption per sample (decoded here, or gathered from several processes) against its references."""
+    predictions = {s.image_id: text for s, text in zip(samples, texts, strict=True)}
+    report = score_predictions(predictions, {s.image_id: s.captions for s in samples}, java=java)
     if synthetic:
         accuracy = synthetic_accuracy(samples, predictions)
         report.accuracy = accuracy.pop("all")
         report.accuracy_by_objects = accuracy
         report.claims = synthetic_claims(samples, predictions)
-        if need_weights:
-            report.grounding = synthetic_grounding(samples, captions)
     return report
 
 
@@ -228,6 +235,16 @@ def run_samples(train_options: dict[str, Any], *, data: str | None = None, image
     return load_samples(data, image_dir=image_dir, format=format, **world)
 
 
+def _split_to_score(samples: Sequence[Sample], split: str, *, whole_ok: bool) -> tuple[list[Sample], str]:
+    """The samples of `split`, or every sample of a file that names no splits (COCO's val2017 is one test set).
+
+    Returns the samples and the words the title uses for them.
+    """
+    if whole_ok and not getattr(samples, "has_splits", True):
+        return list(samples), "all, the file names no splits"
+    return [s for s in samples if s.split == split], split
+
+
 def run_evaluate(*, model: Path | None, data: str | None, image_dir: str | None, format: str, split: str,
                  predictions: Path | None, settings: DecodeSettings, limit: int | None, batch_size: int,
                  java: bool | None, out: Path | None, device: str, precision: str = "auto",
@@ -236,7 +253,7 @@ def run_evaluate(*, model: Path | None, data: str | None, image_dir: str | None,
     if predictions is not None:
         if data is None:
             raise DataError("--predictions needs --data with the reference captions")
-        samples = [s for s in load_samples(data, image_dir=image_dir, format=format) if s.split == split]
+        samples, split = _split_to_score(load_samples(data, image_dir=image_dir, format=format), split, whole_ok=True)
         predicted = read_predictions(predictions)
         by_id = {s.image_id: s for s in samples}
         unknown = [k for k in predicted if k not in by_id]
@@ -252,7 +269,9 @@ def run_evaluate(*, model: Path | None, data: str | None, image_dir: str | None,
     captioner = Captioner.load(model, which=which, device=device, precision=precision)
     run_config = captioner.run.config
     train_options = run_config.get("train", {})
-    samples = [s for s in run_samples(train_options, data=data, image_dir=image_dir, format=format) if s.split == split]
+    own_data = data is None or data == train_options.get("data")  # its unnamed splits are the hash buckets it held out
+    samples, split = _split_to_score(run_samples(train_options, data=data, image_dir=image_dir, format=format), split,
+                                     whole_ok=not own_data)
     if limit is not None:
         samples = samples[:limit]
     synthetic = knows_truth(samples)
@@ -261,7 +280,7 @@ def run_evaluate(*, model: Path | None, data: str | None, image_dir: str | None,
     report = evaluate_samples(captioner.model, samples, captioner.vocab, captioner.preprocess,
                               device=captioner.device, settings=settings, batch_size=batch_size, java=java,
                               synthetic=synthetic, grounding=synthetic)
-    results_file = out or captioner.run.run_dir / f"captions_{split}.json"
+    results_file = out or captioner.run.run_dir / f"captions_{split.split()[0]}.json"
     write_predictions(results_file, report.predictions)
     source = data or "synthetic world"
     search = "greedy" if settings.beam == 1 else f"beam {settings.beam}"

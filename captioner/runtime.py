@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 
 from captioner.config import DEVICES, PRECISIONS
 from captioner.errors import ConfigError
+
+T = TypeVar("T")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -126,10 +131,12 @@ def init_distributed(device_name: str) -> Dist:
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # before the group forms, so NCCL binds each rank to its own GPU
+    if not dist.is_initialized():
+        # Rank 0 scores validation and writes checkpoints while the others wait in a collective: give
+        # that wait far longer than NCCL's default 10 minutes, so a big validation set never times out.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
     return Dist(rank, world, local_rank)
 
 
@@ -142,15 +149,64 @@ def close_distributed(dist_info: Dist) -> None:
         dist.destroy_process_group()
 
 
-def all_mean(value: float, dist_info: Dist) -> float:
-    """Average a scalar over all processes."""
+@contextmanager
+def main_first(dist_info: Dist) -> Iterator[None]:
+    """Run the block on the main process first, then on the others (a download into a cache they share)."""
+    if dist_info.world > 1 and not dist_info.main:
+        _barrier()
+    yield
+    if dist_info.world > 1 and dist_info.main:
+        _barrier()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def all_mean(value: float, dist_info: Dist, device: torch.device) -> float:
+    """Average a scalar over all processes (the tensor lives on `device`: NCCL reduces only CUDA tensors)."""
     if dist_info.world == 1:
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float32, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist_info.world
+
+
+def any_rank(flags: list[bool], dist_info: Dist, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all processes, so every rank takes a stop decision at the same step."""
+    if dist_info.world == 1:
+        return list(flags)
+    import torch.distributed as dist
+
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def from_main(obj: T, dist_info: Dist) -> T:
+    """The main process's `obj` on every process (what only rank 0 computed, such as a validation record)."""
+    if dist_info.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def to_main(obj: T, dist_info: Dist) -> list[T] | None:
+    """Every process's `obj`, in rank order, on the main process; None on the others."""
+    if dist_info.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[T] | None = [None] * dist_info.world if dist_info.main else None  # type: ignore[list-item]
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 # ----------------------------------------------------------------------------- random state

@@ -20,7 +20,7 @@ from captioner import checkpoint, metrics, training
 from captioner.config import SCSTConfig, TrainConfig
 from captioner.data.dataset import Batch
 from captioner.decoding import greedy, sample, search_options
-from captioner.errors import CheckpointError, ConfigError
+from captioner.errors import ConfigError
 from captioner.runtime import Dist, autocast, precision_plan, resolve_device
 
 
@@ -96,7 +96,8 @@ def scst_step_fn(scst: SCSTConfig, cider: Any, refs_by_id: dict[str, list[str]],
 
     Each step's share of time spent on rewards is appended to `shares` as well as reported.
     """
-    def step(run: training.Run, batch: Batch) -> dict[str, Any]:
+    def step(run: training.Run, group: list[Batch]) -> dict[str, Any]:
+        (batch,) = group  # SCST steps on one batch: its options leave --accumulate at 1
         images = batch.images.to(run.device)
         refs = [refs_by_id[i] for i in batch.image_ids]
         loss, stats = scst_loss(run.model, images, refs, cider, run.data.vocab, scst, max_len=run.cfg.max_len,
@@ -133,21 +134,26 @@ def prepare_scst(source: Path | str, cfg: TrainConfig, scst: SCSTConfig, *, out:
     started = time.perf_counter()
     source = Path(source)
     out = Path(out) if out is not None else source.with_name(source.name + "-scst")
-    if out.resolve() == source.resolve():
-        raise ConfigError("--out must differ from the cross-entropy run, which SCST keeps as it is")
-    if (out / checkpoint.CONFIG).exists() or (out / checkpoint.LAST).exists():
-        raise CheckpointError(f"{out}: already holds a run; give SCST another --out")
-    device = resolve_device(cfg.device)
-    loaded = checkpoint.load_run(source, which="best", device=str(device))
-    emit = on_event or (lambda kind, data: None)
-    torch.manual_seed(cfg.seed)
-    data = training.load_data(cfg, loaded.config, emit)
-    sampler, loader, steps_per_epoch = training.batches(cfg, data.train_set, Dist(), device)
-    optimizer = training.make_optimizer(loaded.model, cfg.lr, cfg.weight_decay)
-    run = training.Run(cfg, out, data, loaded.model, optimizer, Dist(), device, precision_plan(cfg.precision, device),
-                       sampler, loader, steps_per_epoch, cfg.resolved_steps(steps_per_epoch), emit, started,
-                       record_tags={"phase": "scst"}, log_every=1)  # SCST steps take seconds: report each
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)  # constant: no warm-up, no decay
-    training.write_config(run, scst={**scst.to_dict(), "from_run": str(source)})
-    training.wrap_for_training(run)
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise ConfigError("--out must lie outside the cross-entropy run, which SCST keeps as it is")
+    lock = checkpoint.claim_fresh_run_dir(out)  # refuses a folder that is not empty, leaving it as it was
+    try:
+        device = resolve_device(cfg.device)
+        loaded = checkpoint.load_run(source, which="best", device=str(device))
+        emit = on_event or (lambda kind, data: None)
+        torch.manual_seed(cfg.seed)
+        data = training.load_data(cfg, loaded.config, emit)
+        sampler, loader, steps_per_epoch = training.batches(cfg, data.train_set, Dist(), device)
+        optimizer = training.make_optimizer(loaded.model, cfg)
+        run = training.Run(cfg, out, data, loaded.model, optimizer, Dist(), device,
+                           precision_plan(cfg.precision, device), sampler, loader, steps_per_epoch,
+                           cfg.resolved_steps(steps_per_epoch), emit, started,
+                           record_tags={"phase": "scst"}, log_every=1)  # SCST steps take seconds: report each
+        run.lock = lock  # held until the run ends
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)  # constant: no warm-up, no decay
+        training.write_config(run, scst={**scst.to_dict(), "from_run": str(source)})
+        training.wrap_for_training(run)
+    except BaseException:
+        lock.close()
+        raise
     return run

@@ -8,11 +8,13 @@ model-specific, reports through an `on_event(kind, data)` callback and never pri
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,25 +27,30 @@ from captioner import checkpoint, evaluation
 from captioner.config import ModelConfig, TrainConfig
 from captioner.data.dataset import Batch, CaptionDataset, make_loader
 from captioner.data.images import Preprocess, train_transform
-from captioner.data.sources import Sample, check_images, load_samples
+from captioner.data.sources import Sample, check_images, load_samples, split_or_whole
 from captioner.data.vocab import Vocabulary
-from captioner.errors import CaptionerError, CheckpointError, ConfigError
+from captioner.decoding import DecodeSettings
+from captioner.errors import CaptionerError, CheckpointError, ConfigError, DataError
 from captioner.models.captioner import CaptionModel
 from captioner.runtime import (
     Dist,
     PrecisionPlan,
     all_mean,
+    any_rank,
     autocast,
     close_distributed,
+    from_main,
     init_distributed,
+    main_first,
     precision_plan,
     resolve_device,
     rng_state,
     set_rng_state,
+    to_main,
 )
 
 Event = Callable[[str, dict[str, Any]], None]
-StepFn = Callable[["Run", Batch], dict[str, Any]]
+StepFn = Callable[["Run", list[Batch]], dict[str, Any]]  # one optimiser step over --accumulate batches
 
 
 class TrainingInterrupted(CaptionerError):
@@ -51,10 +58,11 @@ class TrainingInterrupted(CaptionerError):
 
 
 class NonFiniteLoss(CaptionerError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss or the gradients became NaN or infinite; the update was not applied, the last checkpoint kept."""
 
 
-
+# What a resumed run must share with the run it continues: they fix the data order and its sharding.
+RESUME_FIXED = ("seed", "batch_size", "accumulate", "captions_per_image")
 
 
 def lr_factor(step: int, *, warmup: int, schedule: str, total: int) -> float:
@@ -129,15 +137,15 @@ def selection_score(record: dict[str, Any], knows_truth: bool) -> tuple[float, .
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over real target tokens; padding positions never count.
+                 label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over real target tokens (their mean, or with reduction="sum" their sum); padding never counts.
 
     logits (B, T, V) were produced from inputs <bos> + caption; targets (B, T) are caption + <eos>,
     i.e. the same sequence shifted by one, so the shift happens exactly once: in the collate.
     """
     B, T, V = logits.shape
     return F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T),
-                           ignore_index=pad_id, label_smoothing=label_smoothing)
+                           ignore_index=pad_id, label_smoothing=label_smoothing, reduction=reduction)
 
 
 
@@ -233,6 +241,7 @@ class Run:
     out_of_time: bool = False
     interrupted: list[int] = field(default_factory=list)  # signals received
     clock: dict[str, float] = field(default_factory=dict)  # pace bookkeeping of the progress events
+    lock: checkpoint.RunLock | None = None  # the main process's hold on run_dir, released when the run ends
 
     @property
     def best_score(self) -> tuple[float, ...]:
@@ -246,7 +255,8 @@ class Run:
 
     def stopping(self) -> bool:
         """The last step was taken, or early stop's patience ran out."""
-        return self.step >= self.total_steps or (self.cfg.early_stop is not None and self.stale >= self.cfg.early_stop)
+        patience = self.cfg.resolved_early_stop()
+        return self.step >= self.total_steps or (patience is not None and self.stale >= patience)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -263,16 +273,55 @@ def prepare(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_e
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", dist_info.local_rank)
     plan = precision_plan(cfg.precision, device)
+    lock = _hold(run_dir, resume) if dist_info.main else None
+    try:
+        run = _build(cfg, run_dir, resume, dist_info, device, plan, emit, started, skip_bad_images)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+            if not resume:
+                checkpoint.discard_if_unused(run_dir)  # a refused start leaves no empty run folder behind
+        raise
+    run.lock = lock
+    return run
+
+
+def _hold(run_dir: Path, resume: bool) -> checkpoint.RunLock | None:
+    """Lock the run directory: a fresh run only in an empty (or new) folder, a resume only in a run no one writes."""
+    if not resume:
+        return checkpoint.claim_fresh_run_dir(run_dir)
+    if not (run_dir / checkpoint.LAST).is_file():
+        return None  # nothing to resume: _restore_point says why, and this folder is left as it is
+    lock = checkpoint.lock_run_dir(run_dir)
+    checkpoint.remove_stale_temporaries(run_dir, min_age=0)  # left by a killed write; we hold the lock
+    return lock
+
+
+def _build(cfg: TrainConfig, run_dir: Path, resume: bool, dist_info: Dist, device: torch.device,
+           plan: PrecisionPlan, emit: Event, started: float, skip_bad_images: bool) -> Run:
+    """The run's data, model and optimiser, restored from its last state on resume."""
     weights, saved = _restore_point(run_dir, resume)
+    if weights is not None:
+        _check_same_order(run_dir, cfg, saved, weights.train_state, dist_info)
     torch.manual_seed(cfg.seed)  # before the model's initialisation: a seed gives the same run
     data = load_data(cfg, saved, emit, skip_bad_images=skip_bad_images)
+    with main_first(dist_info):  # rank 0 fetches pretrained weights into the cache; the others read them there
+        model = CaptionModel(data.model_config).to(device)
+    if weights is not None:
+        checkpoint.check_state_dict(run_dir / checkpoint.LAST, model, weights.model)
+        model.load_state_dict(weights.model)  # before the feature cache, which is keyed by the backbone's weights
+    if cfg.feature_cache and data.model_config.freeze_backbone and cfg.data is not None:
+        with main_first(dist_info):  # rank 0 builds the cache; the others find it built
+            data.train_set = _cached_features(cfg, data, model, device, emit)
     sampler, loader, steps_per_epoch = batches(cfg, data.train_set, dist_info, device)
-    model = CaptionModel(data.model_config).to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    # Runs saved before the backbone had its own rate hold two groups: they resume as they were trained.
+    split = weights is None or len(weights.optimizer["param_groups"]) > 2
+    optimizer = make_optimizer(model, cfg, split_backbone=split)
     run = Run(cfg, run_dir, data, model, optimizer, dist_info, device, plan, sampler, loader, steps_per_epoch,
               cfg.resolved_steps(steps_per_epoch), emit, started)
     plan_steps(run, weights.train_state if weights is not None else None)
     run.scheduler = warmup_schedule(run)
+    run.scaler = grad_scaler(plan)
     if weights is not None:
         restore(run, weights)
     elif dist_info.main:
@@ -284,9 +333,7 @@ def prepare(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_e
 def _restore_point(run_dir: Path, resume: bool) -> tuple[checkpoint.WeightsFile | None, dict[str, Any] | None]:
     """The saved weights and config.json to resume from; a fresh run refuses a folder that holds one."""
     if not resume:
-        if (run_dir / checkpoint.LAST).exists():
-            raise CheckpointError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
-        return None, None
+        return None, None  # the folder was checked empty when it was claimed
     saved = checkpoint.read_run_config(run_dir)
     if not (run_dir / checkpoint.LAST).is_file():
         raise CheckpointError(f"{run_dir}: holds no {checkpoint.LAST}, so there is no training state to "
@@ -297,16 +344,53 @@ def _restore_point(run_dir: Path, resume: bool) -> tuple[checkpoint.WeightsFile 
     return weights, saved
 
 
+def _cached_features(cfg: TrainConfig, data: Data, model: CaptionModel, device: torch.device,
+                     emit: Event) -> CaptionDataset:
+    """A frozen backbone's features, computed once per training image and reused by every epoch and run.
+
+    The cache holds un-augmented images: --no-feature-cache trains with augmentation, recomputing the backbone.
+    """
+    from captioner import feature_cache
+
+    emit("note", {"message": "frozen backbone: its features of each training image are computed once and "
+                             "reused (no augmentation; --no-feature-cache to recompute them)"})
+    cached = feature_cache.cached_dataset(model, data.train_set, data.preprocess, device=device,
+                                          batch_size=cfg.batch_size,
+                                          on_progress=lambda done, total: emit("progress", {
+                                              "what": "feature cache", "done": done, "total": total}))
+    if cached.store.rebuilt:
+        emit("note", {"message": f"feature cache built ({cached.store.rebuilt})"})
+    return cached
+
+
+def _check_same_order(run_dir: Path, cfg: TrainConfig, saved: dict[str, Any], state: dict[str, Any],
+                      dist_info: Dist) -> None:
+    """Refuse a resume whose seed, batch size or process count would change the run's data order midway."""
+    before = saved.get("train", {})
+    for name in RESUME_FIXED:
+        if name in before and before[name] != getattr(cfg, name):
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(f"{option} {getattr(cfg, name)} differs from this run's {before[name]} "
+                              f"({run_dir}): a resumed run keeps its data order; drop {option} or start a new run")
+    if state.get("world", 1) != dist_info.world:
+        raise ConfigError(f"{run_dir} was trained by {state.get('world', 1)} process(es), this resume has "
+                          f"{dist_info.world}: each process's share of the data would change; resume with "
+                          f"--nproc_per_node {state.get('world', 1)}")
+
+
 def load_data(cfg: TrainConfig, saved: dict[str, Any] | None, emit: Event, *,
               skip_bad_images: bool = False) -> Data:
     """Samples by split, vocabulary, model config and preprocessing (a resume reuses the run's own)."""
     by_split = _samples_by_split(cfg, emit, skip_bad_images)
     if saved is not None:
         vocab = Vocabulary.from_dict(saved["vocab"])
-        model_config = ModelConfig.from_dict(saved["model"])
+        # Weights come from the run's own checkpoint only: never from a file its config.json names.
+        model_config = dataclasses.replace(ModelConfig.from_dict(saved["model"]), pretrained=False,
+                                           backbone_weights=None)
         preprocess = Preprocess.from_dict(saved["preprocess"])
     else:
-        vocab = Vocabulary.build([c for s in by_split["train"] for c in s.captions], min_count=cfg.min_count)
+        captions = [c for s in by_split["train"] for c in s.captions]
+        vocab = Vocabulary.build(captions, min_count=cfg.resolved_min_count(len(captions)), max_size=cfg.max_vocab)
         model_config = cfg.model_config(vocab_size=len(vocab), pad_id=vocab.pad_id)
         preprocess = Preprocess(image_size=model_config.image_size)
     val_samples = by_split["val"] or by_split["test"]
@@ -326,42 +410,81 @@ def _samples_by_split(cfg: TrainConfig, emit: Event, skip_bad_images: bool) -> d
     samples = load_samples(cfg.data, image_dir=cfg.image_dir, format=cfg.format, synth_train=cfg.synth_train,
                            synth_val=cfg.synth_val, synth_test=cfg.synth_test, seed=cfg.seed,
                            synth_max_objects=cfg.synth_max_objects)
-    for note in getattr(samples, "notes", []):  # what loading dropped or merged (empty, overlong, repeated)
-        emit("warning", {"message": f"{cfg.data}: {note}"})
-    if cfg.data is not None:
-        _, bad = check_images(samples)
-        if bad:
-            examples = "; ".join(f"{p}: {r}" for p, r in bad[:3])
-            if not skip_bad_images:
-                raise CaptionerError(f"{len(bad)} of {len(samples)} images cannot be used (first: {examples}); "
-                                     "fix them or pass --skip-bad-images")
-            bad_paths = {str(p) for p, _ in bad}
-            samples = [s for s in samples if str(s.path) not in bad_paths]
-            emit("warning", {"message": f"skipping {len(bad)} unusable images (first: {examples})"})
+    _report_notes(samples, emit)
     by_split: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
-    for s in samples:
-        by_split.setdefault(s.split, []).append(s)
+    if cfg.val_data is not None:
+        by_split["train"], note = split_or_whole(samples, "train")  # COCO's train2017 file: all of it
+        by_split["val"] = _validation_file(cfg, emit)
+        if note:
+            emit("warning", {"message": f"training on every image: {note}"})
+    else:
+        for s in samples:
+            by_split.setdefault(s.split, []).append(s)
+    if cfg.data is not None:
+        by_split = _usable(by_split, emit, skip_bad_images)
     if not by_split["train"]:
         raise CaptionerError("the dataset has no training images")
     return by_split
+
+
+def _validation_file(cfg: TrainConfig, emit: Event) -> list[Sample]:
+    """--val-data: its val split, or the whole file when it names no splits (COCO's captions_val2017.json)."""
+    samples = load_samples(cfg.val_data, image_dir=cfg.val_images, format="auto")
+    _report_notes(samples, emit)
+    chosen, _ = split_or_whole(samples, "val")
+    if not chosen:
+        raise DataError(f"{cfg.val_data}: names splits but has no val split to validate on")
+    return chosen
+
+
+def _report_notes(samples: Sequence[Sample], emit: Event) -> None:
+    for note in getattr(samples, "notes", []):  # what loading dropped or merged (empty, overlong, repeated)
+        emit("warning", {"message": f"{getattr(samples, 'source', '')}: {note}"})
+
+
+def _usable(by_split: dict[str, list[Sample]], emit: Event, skip_bad_images: bool) -> dict[str, list[Sample]]:
+    """The samples whose image files can be used; the others refused (one line) or skipped with --skip-bad-images."""
+    everything = [s for part in by_split.values() for s in part]
+    _, bad = check_images(everything)
+    if not bad:
+        return by_split
+    examples = "; ".join(f"{p}: {r}" for p, r in bad[:3])
+    if not skip_bad_images:
+        raise CaptionerError(f"{len(bad)} of {len(everything)} images cannot be used (first: {examples}); "
+                             "fix them or pass --skip-bad-images")
+    emit("warning", {"message": f"skipping {len(bad)} unusable images (first: {examples})"})
+    bad_paths = {str(p) for p, _ in bad}
+    return {split: [s for s in part if str(s.path) not in bad_paths] for split, part in by_split.items()}
 
 
 def batches(cfg: TrainConfig, train_set: CaptionDataset, dist_info: Dist,
             device: torch.device) -> tuple[EpochSampler, torch.utils.data.DataLoader, int]:
     """The sampler (this rank's shard, resumable mid-epoch), the loader over it, and the steps of an epoch."""
     sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=dist_info.rank, world=dist_info.world)
-    loader = make_loader(train_set, cfg.batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed,
+    workers = cfg.workers if cfg.workers is not None else auto_workers(cfg.data is not None)
+    loader = make_loader(train_set, cfg.batch_size, shuffle=False, workers=workers, seed=cfg.seed,
                          sampler=sampler, drop_last=True, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(train_set) // dist_info.world // cfg.batch_size
+    steps_per_epoch = len(train_set) // dist_info.world // (cfg.batch_size * cfg.accumulate)
     if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training split ({len(train_set)} images)")
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --accumulate {cfg.accumulate} x {dist_info.world} "
+                          f"process(es) is more than the training split ({len(train_set)} images)")
     return sampler, loader, steps_per_epoch
 
 
-def make_optimizer(model: CaptionModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with decay on weight matrices only; betas and eps as in Vaswani et al."""
-    return torch.optim.AdamW(model.parameter_groups(weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-9,
-                             foreach=True)
+def auto_workers(files: bool) -> int:
+    """Loader processes when --workers is not given: none for rendered scenes; for image files, this process's
+    share of the cores less one for the training step itself (at least 1, at most 8)."""
+    if not files:
+        return 0
+    per_process = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))
+
+
+def make_optimizer(model: CaptionModel, cfg: TrainConfig, *, split_backbone: bool = True) -> torch.optim.Optimizer:
+    """AdamW with decay on weight matrices only, the backbone at its own rate; betas and eps as in Vaswani et al."""
+    backbone_lr = cfg.resolved_backbone_lr() if split_backbone else None
+    groups = model.parameter_groups(cfg.weight_decay, backbone_lr=backbone_lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9, foreach=True)
 
 
 def warmup_schedule(run: Run) -> torch.optim.lr_scheduler.LambdaLR:
@@ -377,12 +500,11 @@ def warmup_schedule(run: Run) -> torch.optim.lr_scheduler.LambdaLR:
 def plan_steps(run: Run, state: dict[str, Any] | None) -> None:
     """Fix the schedule's length: configured, kept from the saved state, or fitted to the time limit."""
     cfg, limit = run.cfg, run.time_limit
-    default_length = cfg.max_steps is None and cfg.epochs is None
+    default_length = cfg.default_length()
     if state is not None and default_length:
         run.total_steps = state.get("total_steps", run.total_steps)  # a schedule fitted to the clock keeps its length
-    elif state is None and limit is not None and default_length and run.dist.world == 1:
-        # Only with the default step count (an explicit --max-steps/--epochs is obeyed, the limit only cuts),
-        # and on one process: ranks timing themselves could plan different lengths and fall out of step.
+    elif state is None and limit is not None and default_length:
+        # Only with the default step count: an explicit --max-steps/--epochs is obeyed, the limit only cuts.
         run.budget = TimeBudget(limit * 60, run.started, run.total_steps, run.steps_per_epoch, cfg.val_every)
     if state is not None and state["step"] >= run.total_steps:
         raise CheckpointError(f"{run.run_dir}: this run already finished ({state['step']} of {run.total_steps} "
@@ -390,15 +512,34 @@ def plan_steps(run: Run, state: dict[str, Any] | None) -> None:
 
 
 def restore(run: Run, weights: checkpoint.WeightsFile) -> None:
-    """Continue exactly where the saved state stopped: weights, optimiser, position, best, RNG."""
-    checkpoint.check_state_dict(run.run_dir / checkpoint.LAST, run.model, weights.model)
-    run.model.load_state_dict(weights.model)
+    """Continue where the saved state stopped (its weights are loaded already): optimiser, position, best, RNG."""
     run.optimizer.load_state_dict(weights.optimizer)
     state = weights.train_state
     run.step, run.epoch = state["step"], state["epoch"]
     run.stale, run.best = state.get("stale", 0), state.get("best_record", {})
     run.scheduler.last_epoch = run.step  # the loaded param groups already carry the current lr
-    set_rng_state(weights.rng)
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])  # fp16's loss scale, as it had grown or shrunk
+    set_rng_state(rank_rng(weights.rng, run.dist.rank))
+
+
+def rank_rng(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """This process's random state from a checkpoint: rank 0's under plain names, others' under "rank<r>."."""
+    if rank == 0:
+        return {k: v for k, v in saved.items() if not k.startswith("rank")}
+    prefix = f"rank{rank}."
+    return {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+
+
+def all_ranks_rng(dist_info: Dist) -> dict[str, torch.Tensor] | None:
+    """Every process's random state, merged for the checkpoint on the main process (None on the others)."""
+    states = to_main(rng_state(), dist_info)
+    if states is None:
+        return None
+    merged = dict(states[0])
+    for r, state in enumerate(states[1:], start=1):
+        merged.update({f"rank{r}.{k}": v for k, v in state.items()})
+    return merged
 
 
 def write_config(run: Run, **sections: Any) -> None:
@@ -408,6 +549,7 @@ def write_config(run: Run, **sections: Any) -> None:
         run.run_dir, model_config=run.model.config.to_dict(), vocab=run.data.vocab.to_dict(),
         preprocess=run.data.preprocess.to_dict(), train=cfg.to_dict(),
         data={"source": cfg.data or "synthetic", "format": cfg.format, "image_dir": cfg.image_dir,
+              "val_source": cfg.val_data, "val_image_dir": cfg.val_images,
               "splits": run.data.splits}, **sections)
 
 
@@ -420,44 +562,85 @@ def wrap_for_training(run: Run) -> None:
     if run.cfg.compile:
         wrapped = torch.compile(wrapped)
     run.train_model = wrapped
-    run.scaler = torch.amp.GradScaler("cuda") if run.precision.train_autocast == torch.float16 else None
+    if run.scaler is None:
+        run.scaler = grad_scaler(run.precision)
+
+
+def grad_scaler(plan: PrecisionPlan) -> torch.amp.GradScaler | None:
+    """fp16 needs its loss scaled so small gradients do not flush to zero; bf16 and fp32 do not."""
+    return torch.amp.GradScaler("cuda") if plan.train_autocast == torch.float16 else None
 
 
 # ----------------------------------------------------------------------------- step
 
 
-def cross_entropy_step(run: Run, batch: Batch) -> dict[str, Any]:
-    """One teacher-forced optimiser step on a batch; returns the loss and gradient norm (tensors)."""
-    device, dtype = run.device, run.precision.train_autocast
-    images = batch.images.to(device, non_blocking=True)
-    inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-    pad_mask = batch.pad_mask.to(device)
+def cross_entropy_step(run: Run, group: list[Batch]) -> dict[str, Any]:
+    """One teacher-forced optimiser step over `group` (--accumulate batches); the loss and gradient norm (tensors).
+
+    Each batch adds its summed token losses divided by the group's token count, so N batches of B images
+    make the same update as one batch of N*B. DDP averages gradients only after the last batch (no_sync).
+    """
+    tokens = sum(int((~b.pad_mask).sum()) for b in group)  # CPU tensors: no device sync
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=run.device)
+    for i, batch in enumerate(group):
+        with _sync_gradients(run, i == len(group) - 1):
+            loss = _batch_loss_sum(run, batch.to(run.device, non_blocking=True)) / tokens
+            _backward(run, loss)
+        total += loss.detach()
+    return {"loss": total, "grad_norm": update(run, total), "images": sum(len(b) for b in group)}
+
+
+def _batch_loss_sum(run: Run, batch: Batch) -> torch.Tensor:
+    """Teacher-forced cross-entropy of one batch, summed over its real target tokens."""
+    dtype, inputs = run.precision.train_autocast, batch.inputs
     if run.cfg.scheduled_sampling > 0:
         prob = run.step / run.total_steps * run.cfg.scheduled_sampling
-        inputs = _scheduled_sampling(run.model, images, inputs, pad_mask, prob, dtype, device)
-    with autocast(device, dtype):
-        logits = run.train_model(images, inputs, pad_mask=pad_mask)  # (B, T, V)
-    loss = caption_loss(logits, targets, pad_id=run.data.vocab.pad_id, label_smoothing=run.cfg.label_smoothing)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss became {loss.item()} at step {run.step + 1}; {run.run_dir} keeps the last good "
-                            "checkpoint (try a lower --lr or --precision fp32)")
-    grad_norm = apply_gradients(run, loss)
-    return {"loss": loss, "grad_norm": grad_norm, "images": images.shape[0]}
+        inputs = _scheduled_sampling(run.model, batch.images, inputs, batch.pad_mask, prob, dtype, run.device,
+                                     from_features=batch.holds_features)
+    with autocast(run.device, dtype):
+        logits = run.train_model(batch.images, inputs, pad_mask=batch.pad_mask,
+                                 from_features=batch.holds_features)  # (B, T, V)
+    return caption_loss(logits, batch.targets, pad_id=run.data.vocab.pad_id,
+                        label_smoothing=run.cfg.label_smoothing, reduction="sum")
+
+
+def _sync_gradients(run: Run, last: bool) -> AbstractContextManager:
+    """DDP all-reduces gradients on the group's last backward only; the earlier ones just accumulate."""
+    no_sync = getattr(run.train_model, "no_sync", None)
+    return nullcontext() if last or no_sync is None else no_sync()
+
+
+def _backward(run: Run, loss: torch.Tensor) -> None:
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
 
 
 def apply_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
-    """Backward, clip, optimiser and schedule step (through the fp16 scaler when there is one); the grad norm."""
+    """Backward of one loss and the update (SCST's step); the gradient norm."""
     run.optimizer.zero_grad(set_to_none=True)
+    _backward(run, loss)
+    return update(run, loss.detach())
+
+
+def update(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """Clip, refuse non-finite gradients, step the optimiser and the schedule; the gradient norm before clipping.
+
+    The finiteness check reads the norm on the host (one sync per step): an update with NaN gradients
+    would make every weight NaN, and the next checkpoint with them. Under DDP the gradients, hence the
+    verdict, are the same on every rank. fp16's scaler skips such steps itself, so it is left to it.
+    """
     scaler = run.scaler
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(run.optimizer)
-    else:
-        loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    max_norm = run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf  # --grad-clip 0: no clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
     if scaler is not None:
         scaler.step(run.optimizer)
         scaler.update()
+    elif not bool(torch.isfinite(grad_norm)):
+        raise NonFiniteLoss(f"the loss ({float(loss):.4g}) or its gradients became non-finite at step "
+                            f"{run.step + 1}; {run.run_dir} keeps the last good checkpoint "
+                            "(try a lower --lr or --precision fp32)")
     else:
         run.optimizer.step()
     run.scheduler.step()
@@ -465,8 +648,8 @@ def apply_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
 
 
 def _scheduled_sampling(model: torch.nn.Module, images: torch.Tensor, inputs: torch.Tensor,
-                        pad_mask: torch.Tensor, prob: float, dtype: torch.dtype,
-                        device: torch.device) -> torch.Tensor:
+                        pad_mask: torch.Tensor, prob: float, dtype: torch.dtype, device: torch.device, *,
+                        from_features: bool = False) -> torch.Tensor:
     """Replace each input token (after <bos>) by the model's own greedy guess with probability `prob`.
 
     Bengio et al.'s scheduled sampling, in the one-pass form used with Transformers: a first
@@ -476,7 +659,8 @@ def _scheduled_sampling(model: torch.nn.Module, images: torch.Tensor, inputs: to
     if prob <= 0:
         return inputs
     with torch.no_grad(), autocast(device, dtype):
-        guesses = model(images, inputs, pad_mask=pad_mask).argmax(-1)  # (B, T): guess for position t+1
+        guesses = model(images, inputs, pad_mask=pad_mask,
+                        from_features=from_features).argmax(-1)  # (B, T): guess for position t+1
     replace = torch.rand(inputs.shape, device=device) < prob
     replace[:, 0] = False  # <bos> stays
     replace &= ~pad_mask
@@ -489,27 +673,48 @@ def _scheduled_sampling(model: torch.nn.Module, images: torch.Tensor, inputs: to
 
 
 def validate(run: Run) -> dict[str, Any]:
-    """Decode the validation split, append the record to metrics.jsonl, keep `best`; the RNG stream is untouched."""
+    """Decode the validation split, append the record to metrics.jsonl, keep `best`; the RNG stream is untouched.
+
+    Every process decodes its share of the split; the main one scores the whole, keeps `best` and
+    writes, and the others receive the record and the patience count, so early stop is decided alike.
+    """
     rng = rng_state()  # validation must not shift the training RNG stream (exact resume)
     record: dict[str, Any] = {"step": run.step, "epoch": run.epoch, **run.record_tags}
-    data = run.data
-    if run.dist.main and data.val_samples:
-        report = evaluation.evaluate_samples(run.model, data.val_samples, data.vocab, data.preprocess,
-                                             device=run.device, max_len=run.cfg.max_len, java=False,
-                                             synthetic=data.knows_truth)
+    report = _validation_report(run) if run.data.val_samples else None
+    if report is not None:
         record.update(report.summary())
         _warn_if_collapsed(run, getattr(report, "diversity", {}))
-        if selection_score(record, data.knows_truth) > run.best_score:
+        if selection_score(record, run.data.knows_truth) > run.best_score:
             run.best, run.stale = record, 0
             checkpoint.save_weights(run.run_dir / checkpoint.BEST, run.model, meta=record)
         else:
             run.stale += 1
         checkpoint.append_jsonl(run.run_dir / checkpoint.METRICS, record)
         run.emit("validate", record)
+    record, run.stale = from_main((record, run.stale), run.dist)
     run.model.train()
     set_rng_state(rng)
     run.last = record
     return record
+
+
+def _validation_report(run: Run) -> evaluation.EvalReport | None:
+    """The validation split decoded (sharded over processes) and scored on the main process; None elsewhere."""
+    data, dist_info = run.data, run.dist
+    if dist_info.world == 1:
+        return evaluation.evaluate_samples(run.model, data.val_samples, data.vocab, data.preprocess,
+                                           device=run.device, max_len=run.cfg.max_len, java=False,
+                                           synthetic=data.knows_truth)
+    shard = data.val_samples[dist_info.rank::dist_info.world]
+    captions = evaluation.decode_samples(run.model, shard, data.vocab, data.preprocess, device=run.device,
+                                         settings=DecodeSettings(max_len=run.cfg.max_len))
+    shards = to_main([c.text for c in captions], dist_info)
+    if shards is None:
+        return None
+    texts = [""] * len(data.val_samples)
+    for rank, part in enumerate(shards):
+        texts[rank::dist_info.world] = part
+    return evaluation.score_samples(data.val_samples, texts, java=False, synthetic=data.knows_truth)
 
 
 def _warn_if_collapsed(run: Run, diversity: dict[str, Any]) -> None:
@@ -519,12 +724,21 @@ def _warn_if_collapsed(run: Run, diversity: dict[str, Any]) -> None:
             f"most common {diversity['most_common_share']:.0%} ({diversity['most_common']!r})")})
 
 
-def save(run: Run, *, finished: bool = False) -> None:
-    """Write last.safetensors: weights plus everything an exact resume needs (main process only)."""
+def save(run: Run, *, finished: bool = False, every_rank: bool = True) -> None:
+    """Write last.safetensors: weights plus everything an exact resume needs (written by the main process).
+
+    Every process's random state is gathered into it, which makes `save` a collective: all ranks call
+    it at the same step. After an error on one rank (`every_rank=False`) only that rank's state is kept.
+    """
+    rng = all_ranks_rng(run.dist) if every_rank else rng_state()
     if not run.dist.main:
         return
-    state = {"optimizer": run.optimizer.state_dict(), "rng": rng_state(), "step": run.step, "epoch": run.epoch,
-             "stale": run.stale, "best_record": run.best, "finished": finished, "total_steps": run.total_steps}
+    if not bool(torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all()):
+        raise NonFiniteLoss(f"the weights became non-finite by step {run.step}; {run.run_dir} keeps the last "
+                            "good checkpoint (try a lower --lr or --precision fp32)")
+    state = {"optimizer": run.optimizer.state_dict(), "rng": rng, "step": run.step, "epoch": run.epoch,
+             "stale": run.stale, "best_record": run.best, "finished": finished, "total_steps": run.total_steps,
+             "world": run.dist.world, "scaler": run.scaler.state_dict() if run.scaler is not None else None}
     checkpoint.save_weights(run.run_dir / checkpoint.LAST, run.model, meta={"step": run.step, "epoch": run.epoch},
                             train_state=state)
 
@@ -543,7 +757,7 @@ def validate_and_save(run: Run) -> None:
 
 def _refit(run: Run, now: float) -> None:
     """Fit the schedule's length to the time left (see TimeBudget); announce the first fit."""
-    fitted = run.budget.plan(run.step, now)
+    fitted = from_main(run.budget.plan(run.step, now), run.dist)  # rank 0's clock decides for all
     if fitted is not None and fitted != run.total_steps:
         run.emit("plan", {"steps": fitted, "configured": run.budget.cap, "minutes": run.time_limit,
                           "first": run.total_steps == run.budget.cap})
@@ -557,10 +771,9 @@ def _refit(run: Run, now: float) -> None:
 def _signals_caught(run: Run) -> Iterator[None]:
     """Ctrl-C and SIGTERM are recorded in `run.interrupted` (and acted on between steps) instead of killing."""
     previous = {}
-    if run.dist.main:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with suppress(ValueError):  # not the main thread (e.g. called from a worker thread): no handler
-                previous[sig] = signal.signal(sig, lambda signum, frame: run.interrupted.append(signum))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with suppress(ValueError):  # not the main thread (e.g. called from a worker thread): no handler
+            previous[sig] = signal.signal(sig, lambda signum, frame: run.interrupted.append(signum))
     try:
         yield
     finally:
@@ -570,19 +783,36 @@ def _signals_caught(run: Run) -> Iterator[None]:
 
 def fit(run: Run, step_fn: StepFn = cross_entropy_step) -> TrainResult:
     """Train until the schedule ends, early stop, the time limit or a signal; validate and save on the way."""
-    run.emit("start", _start_event(run))
     run.model.train()
     now = time.perf_counter()
     run.clock.update(t0=now, window_t=now, window_images=0, tick=now, start_step=run.step)
     with _signals_caught(run):
+        run.emit("start", _start_event(run))
         try:
             while run.step < run.total_steps and not run_epoch(run, step_fn):
                 pass
             if run.step >= run.total_steps and not run.last:
                 save(run, finished=True)
+        except (TrainingInterrupted, NonFiniteLoss):
+            raise  # saved already, or deliberately not saved
+        except BaseException:
+            _save_before_failing(run)
+            raise
         finally:
             close_distributed(run.dist)
+            if run.lock is not None:
+                run.lock.close()
     return finish(run)
+
+
+def _save_before_failing(run: Run) -> None:
+    """On any other error (a file gone bad mid-epoch, out of memory, a bug), keep the progress since the last save."""
+    if run.step <= run.clock["start_step"]:
+        return  # nothing new to keep
+    with suppress(Exception):  # the original error is the one to report
+        save(run, every_rank=False)
+        run.emit("warning", {"message": f"saved the state at step {run.step} before stopping on an error; "
+                                        f"resume with: captioner train --resume {run.run_dir}"})
 
 
 def run_epoch(run: Run, step_fn: StepFn) -> bool:
@@ -591,26 +821,59 @@ def run_epoch(run: Run, step_fn: StepFn) -> bool:
     if start_in_epoch >= run.steps_per_epoch:
         run.epoch += 1
         return False
-    run.sampler.set_epoch(run.epoch, start=start_in_epoch * run.cfg.batch_size)
+    _backbone_phase(run)
+    run.sampler.set_epoch(run.epoch, start=start_in_epoch * run.cfg.batch_size * run.cfg.accumulate)
     run.data.train_set.set_epoch(run.epoch)
-    for batch in run.loader:
-        stats = step_fn(run, batch)
+    for group in _groups(run.loader, run.cfg.accumulate):
+        stats = step_fn(run, group)
         run.step += 1
         _after_step(run, stats)
+        _agree_on_stopping(run)
         if run.interrupted:
             break
         if run.cfg.val_every and run.step % run.cfg.val_every == 0:
             validate_and_save(run)
-        if run.stopping():  # the last step, or early stop's patience ran out at this validation
-            break
-        if run.time_limit is not None and time.perf_counter() - run.started > run.time_limit * 60:
-            run.out_of_time = True
+        if run.stopping() or run.out_of_time:  # the last step, early stop's patience, or the clock
             break
     if run.interrupted:
         save(run)
         raise TrainingInterrupted(f"stopped at step {run.step}; state saved. "
                                   f"Resume with: captioner train --resume {run.run_dir}")
     return _end_epoch(run)
+
+
+def _backbone_phase(run: Run) -> None:
+    """--freeze-backbone-epochs N: the decoder first learns on fixed ImageNet features, then the backbone joins."""
+    encoder, n = run.model.encoder, run.cfg.freeze_backbone_epochs
+    if not n or encoder.backbone is None or run.model.config.freeze_backbone:
+        return
+    frozen = run.epoch < n
+    if frozen == encoder.frozen:
+        return
+    encoder.set_frozen(frozen)
+    if run.dist.world > 1 or run.cfg.compile:
+        wrap_for_training(run)  # DDP records which parameters need gradients when it is built
+    if not frozen:
+        run.emit("note", {"message": f"epoch {run.epoch + 1}: the backbone now fine-tunes "
+                                     f"(peak lr {run.cfg.resolved_backbone_lr():g})"})
+
+
+def _groups(loader: torch.utils.data.DataLoader, size: int) -> Iterator[list[Batch]]:
+    """The loader's batches in groups of `size`, one group per optimiser step (a ragged tail is dropped)."""
+    group: list[Batch] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def _agree_on_stopping(run: Run) -> None:
+    """Ctrl-C / SIGTERM and the time limit, OR-ed over all processes, so every rank stops at the same step."""
+    time_up = run.time_limit is not None and time.perf_counter() - run.started > run.time_limit * 60
+    interrupted, run.out_of_time = any_rank([bool(run.interrupted), time_up], run.dist, run.device)
+    if interrupted and not run.interrupted:
+        run.interrupted.append(signal.SIGTERM)  # another rank was signalled
 
 
 def _end_epoch(run: Run) -> bool:
@@ -627,7 +890,8 @@ def _end_epoch(run: Run) -> bool:
             f"time limit of {run.time_limit:g} min reached at step {run.step} of {run.total_steps}; "
             f"continue with: captioner train --resume {run.run_dir} --time-limit MINUTES")})
         return True
-    if run.cfg.early_stop is not None and run.stale >= run.cfg.early_stop:
+    patience = run.cfg.resolved_early_stop()
+    if patience is not None and run.stale >= patience:
         run.emit("warning", {"message": f"early stop: no {SELECTED_BY[run.data.knows_truth]} improvement in "
                                         f"{run.stale} validations"})
     return run.stopping()
@@ -650,7 +914,7 @@ def _after_step(run: Run, stats: dict[str, Any]) -> None:
                 "lr": run.scheduler.get_last_lr()[0],
                 "images_per_s": clock["window_images"] / max(now - clock["window_t"], 1e-9)}
     scalars = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in stats.items()}
-    progress.update({k: all_mean(v, run.dist) if k == "loss" else v for k, v in scalars.items()})
+    progress.update({k: all_mean(v, run.dist, run.device) if k == "loss" else v for k, v in scalars.items()})
     run.emit("step", progress)
     clock["window_images"], clock["window_t"] = 0, now
     if run.step % TRAIN_LOG_EVERY == 0 and run.dist.main:  # the loss curve, beside the validations

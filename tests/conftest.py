@@ -47,3 +47,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             warmup_steps=20, extra={**TINY_MODEL, "d_model": 64, "d_ff": 128})
     train(cfg, run)
     return run
+
+
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset scan and feature caches write under XDG_CACHE_HOME: keep the tests' out of the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,10 +162,36 @@ def test_evaluate_run_and_predictions(trained_run: Path, samples: Path, tmp_path
     assert json.loads(scored.stdout)["CIDEr-D"] > 1.0  # a reference scored against all five is very high
 
 
-def test_data_check(samples: Path) -> None:
-    result = run("data", "check", "--data", samples / "captions.json", "--json")
+def test_data_check(samples: Path, tmp_path: Path) -> None:
+    from captioner.data.vocab import tokenize
+
+    annotations = samples / "captions.json"
+    result = run("data", "check", "--data", annotations, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    # The figures, recomputed from the annotations file the command read (6 test scenes, 5 captions each).
+    coco = json.loads(annotations.read_text())
+    captions = [a["caption"] for a in coco["annotations"]]
+    per_image = [sum(a["image_id"] == im["id"] for a in coco["annotations"]) for im in coco["images"]]
+    lengths = [len(tokenize(c)) for c in captions]
+    words = {w for c in captions for w in tokenize(c)}
+    assert (report["format"], report["images"], report["images_found"]) == ("coco", 6, 6)
+    assert (report["images_missing"], report["images_unreadable"]) == (0, 0)
+    assert report["splits"] == {"train": 0, "val": 0, "test": 6}
+    assert report["captions"] == len(captions) == sum(per_image)
+    for key, values in (("captions_per_image", per_image), ("caption_length", lengths)):
+        assert (report[key]["min"], report[key]["max"]) == (min(values), max(values)), key
+    assert report["caption_length"]["mean"] == pytest.approx(sum(lengths) / len(lengths), abs=0.01)
+    assert report["distinct_words"] == len(words) and report["vocab_size"] == len(words) + 4  # + the 4 specials
+    # A missing image is counted, named, and fails the check.
+    broken = tmp_path / "data"
+    shutil.copytree(samples, broken)
+    gone = sorted((broken / "images").iterdir())[0]
+    gone.unlink()
+    result = run("data", "check", "--data", broken / "captions.json", "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and (report["images_found"], report["images_missing"]) == (5, 1)
+    assert report["missing_examples"] == [str(gone)]
 
 
 def test_bf16_encoder_inference_keeps_a_float32_decoder(trained_run: Path, samples: Path) -> None:
@@ -174,15 +201,23 @@ def test_bf16_encoder_inference_keeps_a_float32_decoder(trained_run: Path, sampl
 
     images = sorted((samples / "images").iterdir())[:4]
     full = Captioner.load(trained_run, device="cpu", precision="fp32")
-    reference = [c.text for c in full.caption(images)]
+    reference = full.caption(images)
     mixed = Captioner.load(trained_run, device="cpu", precision="bf16")
     assert next(mixed.model.encoder.parameters()).dtype == torch.bfloat16
     assert mixed.model.decoder.embed.weight.dtype == torch.float32
     assert mixed.model.encode(mixed.to_tensor(images)).memory.dtype == torch.float32
+    # The encoder's output moves by bf16 rounding only, and the float32 decoder reads it to the same words
+    # with nearly the same log-probability (this run's word choices win by far more than that).
+    memory = full.model.encode(full.to_tensor(images)).memory
+    mixed_memory = mixed.model.encode(mixed.to_tensor(images)).memory
+    assert ((mixed_memory - memory).norm() / memory.norm()).item() < 0.02
     captions = mixed.caption(images)
-    assert len(captions) == len(reference) and all(c.text for c in captions)
-    result = run("caption", images[0], "--model", trained_run, "--precision", "fp32", "--json")
+    assert [c.text for c in captions] == [c.text for c in reference]
+    assert [c.logprob for c in captions] == pytest.approx([c.logprob for c in reference], abs=0.05)
+    result = run("caption", *images, "--model", trained_run, "--precision", "fp32", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.splitlines()[0])["caption"] == reference[0]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["image"]).name for r in lines] == [i.name for i in images]
+    assert [r["caption"] for r in lines] == [c.text for c in reference]
     refused = run("caption", images[0], "--model", trained_run, "--precision", "fp16", "--device", "cpu")
     assert refused.exit_code != 0 and "fp16 needs a CUDA device" in refused.output

@@ -204,6 +204,38 @@ def test_check_image_accepts_good_files_and_jpeg_with_trailing_bytes(tmp_path: P
     load_image(tmp_path / "tail.jpg")
 
 
+# Every format check_image accepts, saved from the same random picture (GIF keeps a palette of it).
+CHECKED_FORMATS = {"BMP": "bmp", "GIF": "gif", "TIFF": "tiff", "PPM": "ppm", "PNG": "png", "JPEG": "jpg"}
+
+
+def _healthy(path: Path, fmt: str) -> bytes:
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    (im.convert("P") if fmt == "GIF" else im).save(path, fmt)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", CHECKED_FORMATS)
+def test_check_image_accepts_healthy_files_of_every_format(fmt: str, tmp_path: Path) -> None:
+    path = tmp_path / f"ok.{CHECKED_FORMATS[fmt]}"
+    _healthy(path, fmt)
+    assert check_image(path) is None
+    load_image(path)
+
+
+@pytest.mark.parametrize("cut", ["header", "half", "last_row"])
+@pytest.mark.parametrize("fmt", CHECKED_FORMATS)
+def test_check_image_refuses_truncation_in_every_format(fmt: str, cut: str, tmp_path: Path) -> None:
+    """The check must refuse what load_image refuses, or training dies mid-epoch on a file it passed."""
+    path = tmp_path / f"cut.{CHECKED_FORMATS[fmt]}"
+    data = _healthy(path, fmt)
+    keep = {"header": min(len(data) // 10, 800), "half": len(data) // 2, "last_row": len(data) - 64}[cut]
+    path.write_bytes(data[:keep])
+    with pytest.raises(ImageError):
+        load_image(path)
+    assert check_image(path) is not None
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 

@@ -182,6 +182,40 @@ def test_auto_attention_is_explicit_where_it_is_faster() -> None:
     assert not Kernels(attention="fused").fused_attention(q(1, 1), score="additive", need_weights=False)
 
 
+# (images, beams per image, SDPA calls per decoding step under `auto`) for the tiny model (2 heads, 1 layer:
+# one self- and one cross-attention per step). 32 and 64 images are the default batches of `caption` and
+# `evaluate`; with 3 beams the cross-attention rows of an image share its keys and values (3 queries each).
+CACHED_STEP_CASES = [
+    (3, 1, 2),  # 6 rows x heads: both fused
+    (32, 1, 0),  # 64 rows x heads: both explicit
+    (64, 1, 0),
+    (3, 3, 2),  # 18 self-attention rows, 6 cross: both fused
+    (16, 3, 1),  # 96 self-attention rows (explicit), 32 cross rows of 3 queries (fused)
+    (32, 3, 0),
+]
+
+
+@pytest.mark.parametrize(("images", "beams", "auto_calls"), CACHED_STEP_CASES)
+def test_cached_steps_take_the_policys_attention_path_and_match_the_full_pass(sdpa_calls, images: int, beams: int,
+                                                                           auto_calls: int) -> None:
+    """Every path a decoding step can take (fused, explicit, both in one step) reproduces the whole-prefix pass."""
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_model_config("vit")).eval()
+    rows = torch.arange(images).repeat_interleave(beams)  # image of each decoded row, beams adjacent
+    tokens = torch.randint(4, 40, (images * beams, 5))
+    with torch.inference_mode():
+        memory = model.encode(torch.randn(images, 3, 48, 48)).memory
+        want, _ = model.decode(memory[rows], tokens)  # (B, T, V): every row against its own copy of the memory
+        for path, per_step in (("auto", auto_calls), ("fused", 2), ("explicit", 0)):
+            model.use_kernels(Kernels(attention=path))
+            state = model.start(memory)
+            state.reorder(rows)
+            sdpa_calls.clear()
+            got = torch.stack([model.step(tokens[:, t], state)[0] for t in range(5)], dim=1)
+            assert len(sdpa_calls) == 5 * per_step, path
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=path)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forced_attention_paths_give_the_auto_result(sdpa_calls, dtype: torch.dtype) -> None:
     torch.manual_seed(0)

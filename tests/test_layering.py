@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "captioner.attend": 6,
     "captioner.evaluation": 6,
     "captioner.bulk": 6,        # caption many files into a results file: resume, torchrun shards, events
+    "captioner.feature_cache": 6,  # a frozen backbone's features, computed once and memory-mapped from disk
     "captioner.training": 7,    # the one training loop
     "captioner.scst": 7,        # SCST: its reward step and run set-up, on training's loop
     "captioner.cli": 8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
@@ -416,10 +417,15 @@ def test_resnet_weights_load_from_a_file(resnet18_file: tuple[str, dict], stride
     assert any(k.startswith("layer4.") for k in loaded) == (stride == 32)
 
 
-def test_pretrained_reads_torchvision_cache_and_never_downloads(resnet18_file: tuple[str, dict], tmp_path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrained_reads_torchvision_cache_before_fetching(resnet18_file: tuple[str, dict], tmp_path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     path, state = resnet18_file
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url: str, **kwargs: object) -> None:  # a test never touches the network (tests/test_pretrained.py)
+        raise URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(ConfigError, match=r"resnet18-f37072fd\.pth.*checkpoints.*--backbone-weights"):
         CaptionModel(tiny_model_config("cnn", pretrained=True))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

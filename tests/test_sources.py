@@ -272,3 +272,77 @@ def test_unknown_format_and_layout(tmp_path: Path) -> None:
         load_samples(tmp_path / "x.json")
     with pytest.raises(DataError, match="format must be one of"):
         load_samples(tmp_path / "x.json", format="parquet")
+
+
+# ----------------------------------------------------------------------------- paths stay in the image folder
+
+
+def _jsonl(path: Path, *images: str) -> Path:
+    path.write_text("\n".join(json.dumps({"image": i, "caption": f"thing {n}"}) for n, i in enumerate(images)))
+    return path
+
+
+def _refusal(annotations: Path, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        load_samples(annotations, **kwargs)
+    message = str(info.value)
+    assert str(annotations) in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("entry", ["../secret.png", "../../secret.png", "sub/../../secret.png"])
+def test_relative_paths_may_not_climb_out_of_the_image_folder(tmp_path: Path, entry: str) -> None:
+    make_images(tmp_path / "data" / "images", ["a.png"])
+    make_images(tmp_path, ["secret.png"])
+    make_images(tmp_path / "data", ["secret.png"])
+    ann = _jsonl(tmp_path / "data" / "d.jsonl", "a.png", entry)
+    assert entry in _refusal(ann, image_dir=tmp_path / "data" / "images")
+    assert entry in _refusal(ann)  # the folder found beside the annotations fences them in just the same
+
+
+def test_a_refused_path_reads_the_same_whether_or_not_it_exists(tmp_path: Path) -> None:
+    """The message must not tell a probing annotations file which files exist outside the folder."""
+    make_images(tmp_path / "images", ["a.png"])
+    make_images(tmp_path, ["there.png"])
+    (tmp_path / "images" / "there.png").symlink_to(tmp_path / "there.png")
+    (tmp_path / "images" / "gone.png").symlink_to(tmp_path / "gone.png")
+    for image_dir in (tmp_path / "images", None):
+        messages = [_refusal(_jsonl(tmp_path / "d.jsonl", "a.png", e), image_dir=image_dir).replace(e, "X")
+                    for e in ("../there.png", "../gone.png", "/etc/passwd", "/no/such/file.png")
+                    if image_dir is not None or not e.startswith("/")]
+        assert len(set(messages)) == 1, messages
+        links = [_refusal(_jsonl(tmp_path / "d.jsonl", e, "a.png"), image_dir=image_dir).replace(e, "X")
+                 for e in ("there.png", "gone.png")]
+        assert links[0] == links[1], links
+
+
+def test_symlinks_leading_out_of_the_folder_are_refused(tmp_path: Path) -> None:
+    make_images(tmp_path / "images", ["a.png"])
+    make_images(tmp_path / "elsewhere", ["b.png"])
+    (tmp_path / "images" / "out.png").symlink_to(tmp_path / "elsewhere" / "b.png")
+    (tmp_path / "images" / "outdir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for entry in ("out.png", "outdir/b.png"):
+        ann = _jsonl(tmp_path / "d.jsonl", "a.png", entry)
+        assert entry in _refusal(ann, image_dir=tmp_path / "images")
+
+
+def test_paths_inside_the_folder_and_a_linked_folder_are_accepted(tmp_path: Path) -> None:
+    make_images(tmp_path / "store", ["a.png", "sub/b.png"])
+    (tmp_path / "images").symlink_to(tmp_path / "store", target_is_directory=True)  # the whole folder linked
+    (tmp_path / "store" / "c.png").symlink_to(tmp_path / "store" / "a.png")  # a link that stays inside
+    ann = _jsonl(tmp_path / "d.jsonl", "a.png", "sub/../sub/b.png", "c.png")
+    for image_dir in (tmp_path / "images", None):
+        samples = load_samples(ann, image_dir=image_dir)
+        assert {s.path for s in samples} == {tmp_path / "images" / n for n in ("a.png", "sub/../sub/b.png",
+                                                                                 "c.png")}
+
+
+def test_absolute_paths_are_the_users_own_only_without_an_image_folder(tmp_path: Path) -> None:
+    """Absolute paths are followed when no --images is given; with it, they too must lie inside it."""
+    make_images(tmp_path / "images", ["a.png"])
+    make_images(tmp_path / "elsewhere", ["b.png"])
+    outside, inside = str(tmp_path / "elsewhere" / "b.png"), str(tmp_path / "images" / "a.png")
+    ann = _jsonl(tmp_path / "d.jsonl", inside, outside)
+    assert {str(s.path) for s in load_samples(ann)} == {inside, outside}
+    assert outside in _refusal(ann, image_dir=tmp_path / "images")
+    assert [str(s.path) for s in load_samples(_jsonl(ann, inside), image_dir=tmp_path / "images")] == [inside]

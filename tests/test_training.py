@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import checkpoint
+from captioner import checkpoint, evaluation
 from captioner.config import DEFAULT_STEPS
 from captioner.errors import CheckpointError
 from captioner.training import (
@@ -165,16 +165,55 @@ def test_resume_after_n_steps_is_exact(tmp_path: Path) -> None:
         train(tiny_train_config(max_steps=12, val_every=6, schedule="inverse_sqrt"), halves, resume=True)
 
 
-def test_resume_of_a_run_saved_when_best_was_ranked_by_one_number(tmp_path: Path) -> None:
+def test_resume_of_a_run_saved_when_best_was_ranked_by_one_number(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs saved before `best` was ranked by (accuracy, CIDEr-D) hold a float best_score: they still resume."""
     run = tmp_path / "run"
+    at_step: dict[int, dict[str, torch.Tensor]] = {}  # the weights of every resumable save, by its step
+    real_save = checkpoint.save_weights
+
+    def spy(path: Path, model: torch.nn.Module, **kwargs) -> None:
+        real_save(path, model, **kwargs)
+        if kwargs.get("train_state") is not None:  # last.safetensors: the model as it was at that step
+            at_step[kwargs["train_state"]["step"]] = checkpoint.load_weights(path).model
+
+    monkeypatch.setattr(checkpoint, "save_weights", spy)
+    # Scripted (accuracy, CIDEr-D) per validation, so the ranking has something to decide: the third wins on
+    # CIDEr-D between equal accuracies, over a higher CIDEr-D at a lower accuracy, and keeps `best` when the
+    # fourth only equals it.
+    scripted = iter([(0.5, 2.0), (0.7, 1.0), (0.7, 1.5), (0.7, 1.5)])
+    real_evaluate = evaluation.evaluate_samples
+
+    def scored(*args, **kwargs):
+        report = real_evaluate(*args, **kwargs)
+        accuracy, cider = next(scripted, (0.1, 0.0))
+        summary = report.summary()
+        report.summary = lambda: {**summary, "accuracy": accuracy, "CIDEr-D": cider}
+        return report
+
+    monkeypatch.setattr(evaluation, "evaluate_samples", scored)
     train(tiny_train_config(max_steps=6, val_every=3), run)
     weights = checkpoint.load_weights(run / checkpoint.LAST)
     state = {**weights.train_state, "optimizer": weights.optimizer, "rng": weights.rng, "best_score": 0.5}
     model = checkpoint.load_run(run, which="last").model
     checkpoint.save_weights(run / checkpoint.LAST, model, meta=weights.meta, train_state=state)
     result = train(tiny_train_config(max_steps=9, val_every=3), run, resume=True)
-    assert result.steps == 9 and result.best["step"] in (3, 6, 9)
+    assert result.steps == 9
+    # `best` is the validation record that ranks highest over the validations before and after the resume
+    # (the first of equals: only a gain replaces it); the built-in world knows its truth, so accuracy ranks.
+    records = checkpoint.read_jsonl(run / checkpoint.METRICS)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and {3, 6, 9} <= set(steps)
+    top = max(records, key=lambda r: selection_score(r, knows_truth=True))  # max keeps the first of equals
+    # The script's winner: after the resume, before the end (an epoch of 64 scenes in batches of 8 ends at step 8).
+    assert top == records[2] and 6 < top["step"] < 9
+    assert result.best == top
+    # model.safetensors holds that record and that step's weights, which differ from the final ones.
+    best = checkpoint.load_weights(run / checkpoint.BEST)
+    assert best.meta == top and set(best.model) == set(at_step[top["step"]])
+    for key, value in best.model.items():
+        assert torch.equal(value, at_step[top["step"]][key]), key
+    assert any(not torch.equal(value, at_step[9][key]) for key, value in best.model.items())
 
 
 def test_resume_after_interrupt_mid_epoch_is_exact(tmp_path: Path) -> None:

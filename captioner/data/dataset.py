@@ -10,7 +10,8 @@ decoder is the cheap part of a step, so K captions cost far less than K images.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +43,12 @@ def _mix(*values: int) -> int:
 class Item:
     """One training example before batching."""
 
-    image: torch.Tensor  # (3, S, S)
+    image: torch.Tensor  # (3, S, S), or backbone features (C, h, w) when holds_features
     inputs: list[torch.Tensor]  # K x (T_k,) <bos> + caption
     targets: list[torch.Tensor]  # K x (T_k,) caption + <eos>
     image_id: str
     pad_id: int
+    holds_features: bool = False  # `image` is a frozen backbone's cached output (captioner/feature_cache.py)
 
 
 @dataclass
@@ -57,12 +59,13 @@ class Batch:
     each image's memory once for all its rows (see MultiHeadAttention.forward).
     """
 
-    images: torch.Tensor  # (B, 3, S, S)
+    images: torch.Tensor  # (B, 3, S, S), or backbone features (B, C, h, w) when holds_features
     inputs: torch.Tensor  # (B*K, T) long
     targets: torch.Tensor  # (B*K, T) long, padded with pad_id (which the loss ignores)
     pad_mask: torch.Tensor  # (B*K, T) bool
     lengths: torch.Tensor  # (B*K,) real tokens per row (caption words + 1)
     image_ids: list[str]  # (B,)
+    holds_features: bool = False  # pass to CaptionModel.forward(..., from_features=)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -75,12 +78,13 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with every tensor on `device`."""
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in
-                       (self.images, self.inputs, self.targets, self.pad_mask, self.lengths)), self.image_ids)
+                       (self.images, self.inputs, self.targets, self.pad_mask, self.lengths)), self.image_ids,
+                     self.holds_features)
 
     def pin_memory(self) -> Batch:
         """Page-locked copy; DataLoader(pin_memory=True) calls this on custom batch types."""
         return Batch(*(t.pin_memory() for t in (self.images, self.inputs, self.targets, self.pad_mask,
-                                                self.lengths)), self.image_ids)
+                                                self.lengths)), self.image_ids, self.holds_features)
 
 
 def collate(batch: Sequence[Item]) -> Batch:
@@ -101,7 +105,7 @@ def collate(batch: Sequence[Item]) -> Batch:
         targets[r, : len(t)] = t
     pad_mask = torch.arange(T)[None, :] >= lengths[:, None]  # (R, T)
     images = torch.stack([it.image for it in batch])  # (B, 3, S, S)
-    return Batch(images, inputs, targets, pad_mask, lengths, [it.image_id for it in batch])
+    return Batch(images, inputs, targets, pad_mask, lengths, [it.image_id for it in batch], batch[0].holds_features)
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -111,6 +115,8 @@ class CaptionDataset(torch.utils.data.Dataset):
     epoch (deterministic in seed, epoch, index; call `set_epoch`): K distinct ones when the image has
     at least K, else all of them and repeats. mode "all": one item per (image, caption) pair (K = 1).
     """
+
+    holds_features = False  # items carry pixels; feature_cache.FeatureDataset's carry cached backbone features
 
     def __init__(self, samples: Sequence[Sample], vocab: Vocabulary,
                  transform: Callable[[Image.Image], torch.Tensor], *, max_len: int = 30, mode: str = "random",
@@ -139,6 +145,11 @@ class CaptionDataset(torch.utils.data.Dataset):
         # The epoch lives in shared memory so persistent DataLoader workers see set_epoch too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._renders: dict[int, np.ndarray] = {}
+
+    @property
+    def image_size(self) -> int | None:
+        """The side the transform shrinks images to: large JPEGs are decoded at a reduced scale down to it."""
+        return getattr(self.transform, "image_size", None)
 
     def set_epoch(self, epoch: int) -> None:
         """Select which caption each image shows this epoch (mode "random")."""
@@ -182,14 +193,33 @@ class CaptionDataset(torch.utils.data.Dataset):
         words = [self.tokens[i][j] for j in chosen]
         inputs = [torch.tensor([self.vocab.bos_id, *w], dtype=torch.long) for w in words]  # K x (T,)
         targets = [torch.tensor([*w, self.vocab.eos_id], dtype=torch.long) for w in words]  # K x (T,)
+        image = self.image(i, index)
+        return Item(image, inputs, targets, self.samples[i].image_id, self.vocab.pad_id, self.holds_features)
+
+    def image(self, i: int, index: int) -> torch.Tensor:
+        """Sample i's image (3, S, S) at dataset position `index` this epoch (augmented if the transform is)."""
         pixels = self._cached_render(i)
-        if pixels is None:
-            image = self.transform(sample_image(self.samples[i]))  # (3, S, S)
-        elif isinstance(self.transform, Preprocess):
+        if pixels is not None and isinstance(self.transform, Preprocess):
             image = self.transform(pixels)  # a cached render goes straight to the tensor, no Pillow round trip
         else:
-            image = self.transform(Image.fromarray(pixels))
-        return Item(image, inputs, targets, self.samples[i].image_id, self.vocab.pad_id)
+            with self._augmentation_seeded(index):
+                pil = sample_image(self.samples[i], min_side=self.image_size) if pixels is None else None
+                image = self.transform(pil if pil is not None else Image.fromarray(pixels))
+        return image
+
+    @contextmanager
+    def _augmentation_seeded(self, index: int) -> Iterator[None]:
+        """Random augmentation drawn from (seed, epoch, index) alone, on a forked generator.
+
+        So an item is the same in the main process or any worker, and after a resume: the number of
+        workers and their start never change what the model sees, and the training RNG stream is untouched.
+        """
+        if isinstance(self.transform, Preprocess):  # nothing random to seed
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, self.epoch, index, 0xA06) >> 1)
+            yield
 
 
 def seed_worker(worker_id: int) -> None:

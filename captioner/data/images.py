@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageFile, ImageOps, UnidentifiedImageError
 
 from captioner.errors import ConfigError, ImageError
 
@@ -167,23 +167,38 @@ def load_image(path: str | Path, *, min_side: int | None = None) -> Image.Image:
 
 
 def check_image(path: str | Path) -> str | None:
-    """Cheap validity check without a full decode where possible; the reason it fails, or None if usable."""
+    """Whether `load_image` would succeed, decoding only what a cheaper test cannot vouch for.
+
+    The reason the file is unusable, or None. Only decoding notices truncated BMP, GIF, TIFF, PPM or WebP
+    pixel data, so those are decoded in full; a PNG or JPEG is decoded only when its structure leaves doubt
+    (a full decode of a photo costs tens of times more than these checks).
+    """
     path = Path(path)
     try:
         _check_file(path)
-        with _strict_decoding():
-            im = _open(path)
-            fmt = im.format
-            with im:
-                try:
-                    im.verify()  # walks PNG chunks with their CRCs; header checks for most other formats
-                except Exception as err:  # noqa: BLE001 (verify raises a variety of types)
-                    return f"truncated or corrupt image data ({err})"
-        if fmt == "JPEG" and not _jpeg_has_end_marker(path):
-            load_image(path)  # no end marker: decode fully to tell a truncated file from trailing bytes
+        fmt = _verify(path)
+        if not _complete_without_decoding(path, fmt):
+            load_image(path)
     except ImageError as err:
         return err.reason
     return None
+
+
+def _complete_without_decoding(path: Path, fmt: str | None) -> bool:
+    """PNG's verify walked every chunk to IEND with its CRC; a JPEG cut short lacks its end marker."""
+    return fmt == "PNG" or (fmt == "JPEG" and _jpeg_has_end_marker(path))
+
+
+def _verify(path: Path) -> str | None:
+    """Pillow's structural check (PNG chunks with their CRCs, headers elsewhere); the file's format."""
+    with _strict_decoding():
+        im = _open(path)
+        with im:
+            try:
+                im.verify()
+            except Exception as err:  # noqa: BLE001 (verify raises a variety of types)
+                raise ImageError(path, f"truncated or corrupt image data ({err})") from None
+            return im.format
 
 
 def _jpeg_has_end_marker(path: Path) -> bool:
@@ -210,12 +225,17 @@ class Preprocess:
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
 
     def __post_init__(self) -> None:
-        self.mean = tuple(float(m) for m in self.mean)
-        self.std = tuple(float(s) for s in self.std)
-        if self.image_size < 1:
-            raise ConfigError(f"image_size must be >= 1, got {self.image_size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"mean and std need 3 values each (std > 0), got {self.mean}, {self.std}")
+        size = self.image_size
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1024:  # ModelConfig's bound
+            raise ConfigError(f"image_size must be an integer in [1, 1024], got {size!r}")
+        try:
+            self.mean = tuple(float(m) for m in self.mean)
+            self.std = tuple(float(s) for s in self.std)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ConfigError(f"mean and std need 3 numbers each, got {self.mean!r}, {self.std!r}") from err
+        values = self.mean + self.std
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0 or not np.isfinite(values).all():
+            raise ConfigError(f"mean and std need 3 finite values each (std > 0), got {self.mean}, {self.std}")
 
     def resized(self, pil: Image.Image) -> Image.Image:
         """The RGB image at S x S exactly as the model sees it (before normalisation)."""
@@ -251,8 +271,18 @@ class Preprocess:
         unknown = sorted(set(data) - {"image_size", "mean", "std"})
         if unknown:
             raise ConfigError(f"unknown preprocessing keys: {', '.join(unknown)}")
-        return cls(image_size=int(data["image_size"]), mean=tuple(data.get("mean", IMAGENET_MEAN)),
-                   std=tuple(data.get("std", IMAGENET_STD)))
+        return cls(image_size=data["image_size"], mean=data.get("mean", IMAGENET_MEAN),
+                   std=data.get("std", IMAGENET_STD))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One draw of TrainTransform's random parameters."""
+
+    shift: tuple[int, int]  # whole pixels, (right, down)
+    scale: float  # zoom about the centre (> 1 zooms in)
+    factors: tuple[float, float, float]  # brightness, contrast, saturation; 1 leaves the image as it is
+    order: tuple[int, int, int]  # the order the three colour changes are applied in (indices into factors)
 
 
 class TrainTransform:
@@ -260,21 +290,23 @@ class TrainTransform:
 
     Never flips or rotates: captions say "left", "right", "above", "below", and a mirrored image
     would make those words lies. The zoom/shift is small enough that objects stay in frame.
+
+    The same operations on Pillow images as torchvision's RandomAffine(degrees=0, translate, scale,
+    bilinear) and ColorJitter(brightness, contrast, saturation), with parameters drawn from the same
+    ranges, written out so that training does not import torchvision (seconds of start-up). Every random
+    number comes from torch's global generator, which CaptionDataset seeds per item (exact resume).
     """
 
     def __init__(self, preprocess: Preprocess, *, brightness: float = 0.15, contrast: float = 0.15,
                  saturation: float = 0.15, translate: float = 0.04,
                  scale: tuple[float, float] = (0.94, 1.06)) -> None:
-        from torchvision import transforms
-
+        strengths = (brightness, contrast, saturation)
+        if not all(0 <= s <= 1 for s in strengths) or not 0 <= translate <= 1 or not 0 < scale[0] <= scale[1]:
+            raise ConfigError(f"augmentation strengths and translate must be in [0, 1] and the scale range "
+                              f"positive, got {strengths}, {translate}, {scale}")
         self.preprocess = preprocess
-        fill = tuple(int(round(255 * m)) for m in preprocess.mean)  # borders normalise to ~0
-        self.geometric = transforms.RandomAffine(
-            degrees=0.0, translate=(translate, translate), scale=scale,
-            interpolation=transforms.InterpolationMode.BILINEAR, fill=fill,
-        )
-        self.photometric = transforms.ColorJitter(brightness=brightness, contrast=contrast,
-                                                  saturation=saturation)
+        self.strengths, self.translate, self.scale = strengths, translate, scale
+        self.fill = tuple(int(round(255 * m)) for m in preprocess.mean)  # borders normalise to ~0
 
     @property
     def image_size(self) -> int:
@@ -285,8 +317,34 @@ class TrainTransform:
         """PIL image or uint8 array (H, W, 3) -> augmented tensor (3, S, S)."""
         if isinstance(pil, np.ndarray):
             pil = Image.fromarray(pil)
-        pil = self.photometric(self.geometric(self.preprocess.resized(pil)))
-        return self.preprocess.normalize(pil)
+        S = self.image_size
+        return self.preprocess.normalize(self.apply(self.preprocess.resized(pil), self.draw(S, S)))
+
+    def draw(self, width: int, height: int) -> Augmentation:
+        """Random parameters for an image of this size, from torch's global generator."""
+        ux, uy, us, ub, uc, usat = torch.rand(6, dtype=torch.float64).tolist()
+        (b, c, s), t, (lo, hi) = self.strengths, self.translate, self.scale
+        first, second, third = torch.randperm(3).tolist()
+        return Augmentation(shift=(round((2 * ux - 1) * t * width), round((2 * uy - 1) * t * height)),
+                            scale=lo + (hi - lo) * us,
+                            factors=(1 - b + 2 * b * ub, 1 - c + 2 * c * uc, 1 - s + 2 * s * usat),
+                            order=(first, second, third))
+
+    def apply(self, pil: Image.Image, aug: Augmentation) -> Image.Image:
+        """The RGB image zoomed and shifted, then colour-jittered, as `aug` says."""
+        W, H = pil.size
+        (tx, ty), s = aug.shift, aug.scale
+        if (tx, ty) != (0, 0) or s != 1.0:
+            cx, cy = W * 0.5, H * 0.5
+            # Pillow maps each output pixel back into the input: x_in = (x_out - cx - tx) / s + cx.
+            inverse = (1 / s, 0.0, cx - (cx + tx) / s, 0.0, 1 / s, cy - (cy + ty) / s)
+            pil = pil.transform((W, H), Image.Transform.AFFINE, inverse, Image.Resampling.BILINEAR,
+                                fillcolor=self.fill)
+        enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        for i in aug.order:
+            if aug.factors[i] != 1.0:
+                pil = enhancers[i](pil).enhance(aug.factors[i])
+        return pil
 
 
 def train_transform(preprocess: Preprocess) -> TrainTransform:

@@ -10,6 +10,11 @@ Formats (detected from the file name and content, or named with `format`):
 
 Datasets without split information get a deterministic 90/5/5 train/val/test split from a hash of the
 image id, so every run and every command sees the same split.
+
+Image paths stay inside the image folder (`image_dir`, else the one found beside the annotations): a relative
+path that climbs out with `..`, or reaches a file through a symlink pointing outside, is refused. Absolute paths
+are followed as written only when no `image_dir` is given (the user's own file list); with one, they too must
+lie inside it. A refused path reads the same whether or not its target exists.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import csv
 import hashlib
 import io
 import json
+import os
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +34,10 @@ from typing import Any
 from PIL import Image
 
 from captioner.config import FORMATS, SPLITS
-from captioner.data.images import check_image, load_image
+from captioner.data.images import load_image
+from captioner.data.scan import Progress, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
-from captioner.data.vocab import Vocabulary, tokenize
+from captioner.data.vocab import Caption, Vocabulary, tokenize
 from captioner.errors import DataError
 
 MAX_CAPTION_TOKENS = 100  # longer "captions" are paragraphs or broken rows, not captions: dropped and counted
@@ -41,6 +47,7 @@ _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "valid": "
                   "dev": "val", "test": "test"}
 _IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "file", "path", "img", "image_name")
 _CAPTION_COLUMNS = ("caption", "text", "sentence", "comment", "description")
+_JSON_FORMATS = ("auto", "coco", "karpathy", "jsonl")  # those that read a .json file as JSON
 _IMAGE_DIR_NAMES = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "imgs")
 
 
@@ -59,15 +66,24 @@ class SampleList(list):
     """A list of Samples that also remembers where it came from and what loading changed."""
 
     def __init__(self, samples: Iterable[Sample] = (), *, source: str = "", format: str = "",
-                 notes: Sequence[str] = ()) -> None:
+                 notes: Sequence[str] = (), has_splits: bool = True) -> None:
         super().__init__(samples)
         self.source, self.format, self.notes = source, format, list(notes)
+        self.has_splits = has_splits  # False: no entry named a split, so the splits are hash buckets
 
 
-def sample_image(sample: Sample) -> Image.Image:
-    """The sample's RGB image: loaded from its file when it has one, else rendered from its scene."""
+def split_or_whole(samples: SampleList, split: str) -> tuple[list[Sample], str | None]:
+    """The samples of `split`; all of them when the file names no splits (COCO's val2017), with a note saying so."""
+    if samples.has_splits:
+        return [s for s in samples if s.split == split], None
+    return list(samples), f"{samples.source} names no splits: all {len(samples)} images used"
+
+
+def sample_image(sample: Sample, *, min_side: int | None = None) -> Image.Image:
+    """The sample's RGB image: loaded from its file when it has one (at least `min_side` on each side, decoded
+    at a reduced scale where the format can: see load_image), else rendered from its scene."""
     if sample.path is not None:
-        return load_image(sample.path)
+        return load_image(sample.path, min_side=min_side)
     if sample.scene is not None:
         return sample.scene.render()
     raise DataError(f"sample {sample.image_id} has neither an image file nor a scene")
@@ -93,7 +109,8 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
         world = SyntheticWorld(image_size=synth_image_size, seed=seed, max_objects=synth_max_objects)
         out = SampleList(source="synthetic", format="synthetic")
         for split, n in (("train", synth_train), ("val", synth_val), ("test", synth_test)):
-            out.extend(Sample(s.image_id, list(s.captions), split, scene=s) for s in world.scenes(split, n))
+            out.extend(Sample(s.image_id, [Caption.of(c) for c in s.captions], split, scene=s)
+                       for s in world.scenes(split, n))
         return out
     path = Path(data)
     if not path.exists():
@@ -103,14 +120,17 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
     image_dir = Path(image_dir) if image_dir is not None else None
     if image_dir is not None and not image_dir.is_dir():
         raise DataError(f"{image_dir}: images folder not found")
-    fmt = detect_format(path) if format == "auto" else format
+    # A JSON file is parsed once, for detecting its format and reading it (COCO's is ~90 MB).
+    parsed = _read_json(path) if path.suffix.lower() == ".json" and format in _JSON_FORMATS else None
+    fmt = detect_format(path, parsed) if format == "auto" else format
     reader = {"coco": _read_coco, "karpathy": _read_karpathy, "flickr8k": _read_flickr8k, "csv": _read_csv,
               "jsonl": _read_jsonl}[fmt]
-    raw, notes = reader(path, image_dir)
+    raw, notes = reader(path, image_dir, parsed)
     samples = _clean(raw, notes)
     if not samples:
         raise DataError(f"{path}: no images with usable captions")
-    return SampleList(samples, source=str(path), format=fmt, notes=notes)
+    return SampleList(samples, source=str(path), format=fmt, notes=notes,
+                      has_splits=any(r.split is not None for r in raw))
 
 
 def _annotations_in_folder(folder: Path) -> Path:
@@ -127,8 +147,8 @@ def _annotations_in_folder(folder: Path) -> Path:
     raise DataError(f"{folder}: no annotations file found{hint}; pass the file itself as --data")
 
 
-def detect_format(path: Path) -> str:
-    """Name the format of an annotations file from its name and, for JSON, its layout."""
+def detect_format(path: Path, parsed: Any = None) -> str:
+    """Name the format of an annotations file from its name and, for JSON, its layout (`parsed`: read already)."""
     name, suffix = path.name.lower(), path.suffix.lower()
     if suffix == ".jsonl":
         return "jsonl"
@@ -141,7 +161,7 @@ def detect_format(path: Path) -> str:
             return "flickr8k"
         return "csv"  # e.g. Kaggle's Flickr8k captions.txt: "image,caption"
     if suffix == ".json":
-        data = _read_json(path)
+        data = _read_json(path) if parsed is None else parsed
         if isinstance(data, list):
             return "jsonl"
         if isinstance(data, dict) and isinstance(data.get("images"), list):
@@ -194,15 +214,15 @@ def _find_image_dir(annotations: Path, files: list[str], given: Path | None,
     parent = annotations.parent
     candidates = [*extra, *(parent / n for n in _IMAGE_DIR_NAMES), parent,
                   *(parent.parent / n for n in _IMAGE_DIR_NAMES)]
-    probe = [f for f in files[:20] if not Path(f).is_absolute()]
+    probe = [f for f in files[:20] if not _climbs_out(f)]
     if not probe:
-        return parent  # absolute paths need no folder
+        return parent  # absolute paths need no folder; climbing ones are refused by _locate
     seen: list[Path] = []
     for c in candidates:
         if c in seen:
             continue
         seen.append(c)
-        if c.is_dir() and any((c / f).exists() for f in probe):
+        if c.is_dir() and _holds_any(c, probe):
             return c
     tried = ", ".join(str(c) for c in seen if c.is_dir()) or "none of the usual folders exist"
     raise DataError(f"{annotations}: cannot find the image folder (looked for {probe[0]} in: {tried}); "
@@ -229,17 +249,17 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
     hashed = 0
     for r in by_id.values():
         kept: list[str] = []
-        for c in r.captions:
-            c = " ".join(str(c).split())
-            n = len(tokenize(c))
-            if n == 0:
+        for text in r.captions:
+            c = " ".join(str(text).split())
+            words = tokenize(c)  # once: the Caption carries them to the vocabulary and the dataset
+            if not words:
                 empty += 1
-            elif n > MAX_CAPTION_TOKENS:
+            elif len(words) > MAX_CAPTION_TOKENS:
                 long += 1
             elif c in kept:
                 duplicate_captions += 1
             else:
-                kept.append(c)
+                kept.append(Caption.of(c, words))
         if not kept:
             no_captions += 1
             continue
@@ -263,17 +283,72 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
     return samples
 
 
-def _resolve(raw: list[_Raw], image_dir: Path) -> list[_Raw]:
+def _holds_any(folder: Path, files: list[str]) -> bool:
+    """Whether one of the files is in the folder; nothing a symlink leads to outside it is looked at."""
+    fence = _Fence(folder)
+    return any(fence.holds(f) and (folder / f).exists() for f in files)
+
+
+def _climbs_out(entry: str) -> bool:
+    """An absolute path, or a relative one whose `..` climb above its folder: judged on the text alone."""
+    return Path(entry).is_absolute() or Path(os.path.normpath(entry)).parts[:1] == ("..",)
+
+
+class _Fence:
+    """Tells whether a path stays inside a folder once `..` and symlinks are followed.
+
+    The text is judged first, so a path that climbs out is refused without touching the file system;
+    then the folders on its way and the file itself are resolved (each folder once), so a symlink
+    inside the image folder cannot lead outside it. Plain strings, not Paths: it runs once per entry.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.lexical = os.path.normpath(os.path.abspath(folder))
+        self.root = os.path.realpath(folder)
+        self.dirs: dict[str, str] = {}
+
+    def holds(self, entry: str) -> bool:
+        """Whether `entry` (relative to the folder, or absolute) names a file inside it."""
+        lexical = os.path.normpath(os.path.join(self.lexical, entry))
+        if lexical == self.lexical:
+            return True  # the folder itself: loading it says "is a directory"
+        if not _within(lexical, self.lexical):
+            return False
+        head, name = os.path.split(lexical)
+        parent = self.dirs.get(head)
+        if parent is None:
+            parent = self.dirs[head] = os.path.realpath(head)
+        if not _within(parent, self.root):
+            return False
+        file = os.path.join(parent, name)
+        return not os.path.islink(file) or _within(os.path.realpath(file), self.root)
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether a normalised path is the folder or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _locate(annotations: Path, raw: list[_Raw], given: Path | None, extra: Sequence[Path] = ()) -> list[_Raw]:
+    """Each entry's file in the image folder; one leading outside it is refused (the rule: module docstring)."""
+    folder = _find_image_dir(annotations, [r.file for r in raw], given, extra)
+    fence = _Fence(folder)
+    inside: set[str] = set()  # CSV and Flickr8k list each image once per caption: check each path once
     for r in raw:
-        r.file = str(image_dir / r.file)
+        if given is None and os.path.isabs(r.file):
+            continue  # the user's own absolute path, with no folder to keep it in
+        if r.file not in inside and not fence.holds(r.file):
+            raise DataError(f"{annotations}: image path {r.file!r} leads outside the image folder {folder}")
+        inside.add(r.file)
+        r.file = str(folder / r.file)
     return raw
 
 
 # ----------------------------------------------------------------------------- readers
 
 
-def _read_coco(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
-    data = _read_json(path)
+def _read_coco(path: Path, image_dir: Path | None, parsed: Any = None) -> tuple[list[_Raw], list[str]]:
+    data = _read_json(path) if parsed is None else parsed
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise DataError(f"{path}: COCO captions need top-level \"images\" and \"annotations\" lists")
@@ -303,8 +378,7 @@ def _read_coco(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str
     _attach_scenes(data, raw, notes)
     stem = path.stem.replace("captions_", "")
     extra = [path.parent / stem, path.parent.parent / stem] if stem else []
-    folder = _find_image_dir(path, [r.file for r in raw], image_dir, extra)
-    return _resolve(raw, folder), notes
+    return _locate(path, raw, image_dir, extra), notes
 
 
 def _attach_scenes(data: dict, raw: list[_Raw], notes: list[str]) -> None:
@@ -331,8 +405,8 @@ def _attach_scenes(data: dict, raw: list[_Raw], notes: list[str]) -> None:
         notes.append(f"{stale} synthetic images no longer match the world's scenes; checked as plain images")
 
 
-def _read_karpathy(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
-    data = _read_json(path)
+def _read_karpathy(path: Path, image_dir: Path | None, parsed: Any = None) -> tuple[list[_Raw], list[str]]:
+    data = _read_json(path) if parsed is None else parsed
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: Karpathy split files need a top-level \"images\" list")
     raw: list[_Raw] = []
@@ -353,8 +427,7 @@ def _read_karpathy(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list
         file = str(Path(im["filepath"]) / im["filename"]) if im.get("filepath") else im["filename"]
         image_id = str(im["cocoid"]) if "cocoid" in im else Path(im["filename"]).stem
         raw.append(_Raw(image_id, file, captions, split))
-    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
-    return _resolve(raw, folder), []
+    return _locate(path, raw, image_dir), []
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -369,7 +442,7 @@ def _read_split_list(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _read_flickr8k(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+def _read_flickr8k(path: Path, image_dir: Path | None, parsed: Any = None) -> tuple[list[_Raw], list[str]]:
     notes: list[str] = []
     by_name: dict[str, _Raw] = {}
     lines = _read_lines(path)
@@ -397,8 +470,7 @@ def _read_flickr8k(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list
             r.split = split_of[r.file]
         if outside:
             notes.append(f"{len(outside)} images are in no Flickr_8k.*Images.txt split list; left out")
-    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
-    return _resolve(raw, folder), notes
+    return _locate(path, raw, image_dir), notes
 
 
 def _pick_column(header: list[str], names: Sequence[str], what: str, path: Path) -> str:
@@ -409,7 +481,7 @@ def _pick_column(header: list[str], names: Sequence[str], what: str, path: Path)
     raise DataError(f"{path}: no {what} column in the header {header} (expected one of {', '.join(names)})")
 
 
-def _read_csv(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+def _read_csv(path: Path, image_dir: Path | None, parsed: Any = None) -> tuple[list[_Raw], list[str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -448,8 +520,7 @@ def _read_csv(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     notes = [f"{joined} rows had an unquoted {delimiter!r} in the caption (joined back)"] if joined else []
-    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
-    return _resolve(raw, folder), notes
+    return _locate(path, raw, image_dir), notes
 
 
 def _raw_from_object(obj: Any, where: str) -> _Raw:
@@ -471,10 +542,10 @@ def _raw_from_object(obj: Any, where: str) -> _Raw:
     return _Raw(image_id, file.strip(), list(captions), split)
 
 
-def _read_jsonl(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[str]]:
+def _read_jsonl(path: Path, image_dir: Path | None, parsed: Any = None) -> tuple[list[_Raw], list[str]]:
     raw: list[_Raw] = []
     if path.suffix.lower() == ".json":
-        data = _read_json(path)
+        data = _read_json(path) if parsed is None else parsed
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a list of {{\"image\", \"caption\"}} objects")
         raw = [_raw_from_object(obj, f"{path}: [{i}]") for i, obj in enumerate(data)]
@@ -488,19 +559,22 @@ def _read_jsonl(path: Path, image_dir: Path | None) -> tuple[list[_Raw], list[st
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno})") from None
             raw.append(_raw_from_object(obj, f"{path}:{n}"))
-    folder = _find_image_dir(path, [r.file for r in raw], image_dir)
-    return _resolve(raw, folder), []
+    return _locate(path, raw, image_dir), []
 
 
 # ----------------------------------------------------------------------------- checks and report
 
 
-def check_images(samples: Sequence[Sample], *, workers: int = 8) -> tuple[int, list[tuple[Path, str]]]:
-    """Check every referenced image file (exists, opens, not truncated); (usable count, [(path, reason)])."""
+def check_images(samples: Sequence[Sample], *, workers: int = 16, cache: bool | Path = True,
+                 on_progress: Progress | None = None) -> tuple[int, list[tuple[Path, str]]]:
+    """Check every referenced image file (exists, opens, not truncated); (usable count, [(path, reason)]).
+
+    Files found usable by an earlier scan and unchanged since are not opened again (`scan.scan_images`:
+    cache True for the user's cache directory, a folder, or False); on_progress(done, total) as it goes.
+    """
     paths = list(dict.fromkeys(s.path for s in samples if s.path is not None))
     rendered = sum(1 for s in samples if s.path is None and s.scene is not None)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # I/O-bound; Pillow releases the GIL
-        reasons = list(pool.map(check_image, paths))
+    reasons = scan_images(paths, workers=workers, cache=cache, on_progress=on_progress)
     bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
     return len(paths) - len(bad) + rendered, bad
 

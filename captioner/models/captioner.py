@@ -65,15 +65,19 @@ class CaptionModel(nn.Module):
 
     # -- the two halves ---------------------------------------------------------------------------------
 
-    def encode(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+    def encode(self, images: torch.Tensor, *, need_weights: bool = False, from_features: bool = False) -> Encoded:
         """Images (B, 3, S, S) -> Encoded(memory (B, N, D), grid (h, w)); ViT self-attention if need_weights.
 
-        Images are cast to the encoder's weight dtype and the memory to the decoder's, so an encoder
-        converted to bf16 for inference (`Captioner`) takes float32 batches and feeds a float32 decoder.
-        Under training autocast both hold float32 weights and nothing is cast here.
+        from_features: `images` holds the backbone's feature maps (B, C, h, w) from `encoder.backbone_features`
+        (a frozen-feature cache, captioner/feature_cache.py), so only the encoder's part after the backbone runs.
+        Inputs are cast to the encoder's weight dtype and the memory to the decoder's, so an encoder
+        converted to bf16 for inference (`Captioner`) takes float32 batches and feeds a float32 decoder
+        (and fp16 cached features feed a float32 encoder). Under training autocast both hold float32
+        weights and only cached features are cast here.
         """
         enc_dtype, dec_dtype = next(self.encoder.parameters()).dtype, self.decoder.embed.weight.dtype
-        encoded = self.encoder(images.to(enc_dtype), need_weights=need_weights)
+        encoder = self.encoder.from_backbone if from_features else self.encoder
+        encoded = encoder(images.to(enc_dtype), need_weights=need_weights)
         if enc_dtype != dec_dtype:
             encoded.memory = encoded.memory.to(dec_dtype)
         return encoded
@@ -85,15 +89,17 @@ class CaptionModel(nn.Module):
         return self.decoder(tokens, memory, pad_mask=pad_mask, need_weights=need_weights)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, *,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, from_features: bool = False) -> torch.Tensor:
         """Teacher forcing: images (B, 3, S, S), decoder inputs (B*K, T) (<bos> + caption) -> logits (B*K, T, V).
 
         K >= 1 captions per image, image-major (rows b*K .. b*K+K-1 describe image b): each image is
-        encoded once, however many of its captions are trained on.
+        encoded once, however many of its captions are trained on. from_features: `images` holds cached
+        backbone features (B, C, h, w) instead (see `encode`; a batch says so in `Batch.holds_features`).
         """
         assert tokens.shape[0] % images.shape[0] == 0, \
             f"{tokens.shape[0]} token rows are not a whole number of captions for each of {images.shape[0]} images"
-        logits, _ = self.decode(self.encode(images).memory, tokens, pad_mask=pad_mask)
+        memory = self.encode(images, from_features=from_features).memory  # (B, N, D)
+        logits, _ = self.decode(memory, tokens, pad_mask=pad_mask)
         return logits
 
     # -- incremental decoding ---------------------------------------------------------------------------
@@ -110,19 +116,30 @@ class CaptionModel(nn.Module):
 
     # -- optimisation -------------------------------------------------------------------------------------
 
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on weight matrices; none on norms, biases, embeddings, positions, CLS slots."""
+    def parameter_groups(self, weight_decay: float, backbone_lr: float | None = None) -> list[dict]:
+        """AdamW groups: decay on weight matrices; none on norms, biases, embeddings, positions, CLS slots.
+
+        With `backbone_lr`, the pretrained backbone's parameters form groups of their own at that rate:
+        ImageNet features need smaller steps than the freshly initialised decoder, or fine-tuning erases them.
+        """
         exempt: set[int] = set()
         for module in self.modules():
             for name, p in module.named_parameters(recurse=False):
                 # dim < 2: biases and norm scales; a tied weight is exempt if any of its owners says so.
                 if isinstance(module, NO_DECAY_MODULES) or name in NO_DECAY_NAMES or p.dim() < 2:
                     exempt.add(id(p))
+        backbone = self.encoder.backbone
+        in_backbone = {id(p) for p in backbone.parameters()} if backbone is not None and backbone_lr else set()
         params = list(self.parameters())  # each shared parameter once
-        return [
-            {"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0},
-        ]
+        rest = [p for p in params if id(p) not in in_backbone]
+        body = [p for p in params if id(p) in in_backbone]
+        groups = [{"params": [p for p in rest if id(p) not in exempt], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if id(p) in exempt], "weight_decay": 0.0}]
+        if body:
+            groups += [{"params": [p for p in body if id(p) not in exempt], "weight_decay": weight_decay,
+                        "lr": backbone_lr},
+                       {"params": [p for p in body if id(p) in exempt], "weight_decay": 0.0, "lr": backbone_lr}]
+        return groups
 
 
 def _check_tokens(tokens: torch.Tensor) -> None:

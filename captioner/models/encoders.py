@@ -4,8 +4,9 @@ Every encoder maps images (B, 3, H, W) to `Encoded(memory (B, N, D), grid (h, w)
 region index = row*w + col, so cross-attention weights over N fold back into an h x w map. The grid
 follows the input: images of another size than the training size give another grid.
 
-Pretrained backbones are read from local files only: `config.backbone_weights`, or torchvision's own
-cache (`torch.hub.get_dir()/checkpoints`) when `config.pretrained` is set. Nothing is ever downloaded.
+Pretrained backbones come from `config.backbone_weights` (a local file), else, when `config.pretrained`
+is set, from torchvision's own cache (`torch.hub.get_dir()/checkpoints`), fetched into it the way
+torchvision fetches them when it lacks the file. Offline, that is one error naming the URL and the folder.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Encoded:
     attn: list[torch.Tensor] | None = None  # per encoder layer (B, H, N', N'); N' counts the CLS slot if any
 
 
+def _checked_features(features: torch.Tensor, channels: int) -> None:
+    assert features.dim() == 4 and features.shape[1] == channels, \
+        f"expected backbone features (B, {channels}, h, w), got {tuple(features.shape)}"
+
+
 def _checked(images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W), checked, in the channels-last layout the encoders' convolutions run fastest in."""
     assert images.dim() == 4 and images.shape[1] == 3, f"expected images (B, 3, H, W), got {tuple(images.shape)}"
@@ -47,30 +53,79 @@ def _checked(images: torch.Tensor) -> torch.Tensor:
 # Pretrained backbones: where the weights come from, how they are checked, how freezing works
 
 
-def cached_weights_file(arch: str) -> Path:
-    """Torchvision's cached ImageNet weights file for `arch`; ConfigError naming the file when it is absent."""
+def _file_name(url: str) -> str:
+    return Path(urlparse(url).path).name  # torchvision's cache keeps the URL's file name
+
+
+def _weights_cache() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"  # follows TORCH_HOME, as torchvision's does
+
+
+def cached_weights_file(arch: str) -> Path | None:
+    """Torchvision's cached ImageNet weights file for `arch`, or None when its cache holds none."""
     import torchvision  # lazy: a slow import (benchmarks/NOTES.md), and our ViT does not need it
 
     weights = torchvision.models.get_model_weights(arch)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
     # The default weights first, then any other release of the same architecture the user may have.
     for choice in [weights.DEFAULT, *(w for w in weights if w is not weights.DEFAULT)]:
-        path = folder / Path(urlparse(choice.url).path).name
+        path = _weights_cache() / _file_name(choice.url)
         if path.is_file():
             return path
-    name = Path(urlparse(weights.DEFAULT.url).path).name
-    raise ConfigError(f"pretrained {arch} weights not found (never downloaded): put {name} "
-                      f"(from {weights.DEFAULT.url}) in {folder}/, or pass --backbone-weights FILE")
+    return None
+
+
+FETCH_TIMEOUT_S = 15.0  # seconds a silent connection may stall before the fetch counts as offline
+
+
+def fetch_weights(arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Download `arch`'s default ImageNet weights into torchvision's cache, as torchvision does; the state and file.
+
+    Offline (or the server unreachable) this is one ConfigError naming the URL and the folder to put the
+    file in by hand, never a traceback.
+    """
+    import socket
+
+    import torchvision  # lazy: see cached_weights_file
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    folder, name = _weights_cache(), _file_name(url)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(FETCH_TIMEOUT_S)  # urllib has no timeout of its own: offline, it could hang
+    try:
+        # check_hash: torchvision's file names carry the first digits of the file's SHA-256.
+        state = torch.hub.load_state_dict_from_url(url, model_dir=str(folder), map_location="cpu", progress=True,
+                                                   check_hash=True, file_name=name, weights_only=True)
+    except OSError as e:  # URLError, a timeout, a refused connection: no usable network
+        reason = " ".join(str(getattr(e, "reason", None) or e).split())
+        raise ConfigError(f"pretrained {arch} weights are not in torchvision's cache and could not be downloaded "
+                          f"({reason}): put {name} (from {url}) in {folder}/, or pass --backbone-weights FILE") from e
+    except Exception as e:  # noqa: BLE001 - a corrupt download (hash mismatch, unreadable) is one user error
+        raise ConfigError(f"the {arch} weights downloaded from {url} are unusable ({type(e).__name__}: {e}): retry, "
+                          f"or put {name} in {folder}/ by hand".splitlines()[0]) from e
+    finally:
+        socket.setdefaulttimeout(previous)
+    return _checked_state(state, folder / name, arch), str(folder / name)
+
+
+def _checked_state(state: object, source: Path, arch: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{source} is not a state dict (a mapping of names to tensors) of {arch} weights")
+    return dict(state)
 
 
 def read_backbone_weights(config: ModelConfig, arch: str) -> tuple[dict[str, torch.Tensor], str] | None:
-    """The state dict to start the backbone from and where it came from, or None for random weights."""
+    """The state dict to start the backbone from and where it came from, or None for random weights.
+
+    In order: `backbone_weights`, torchvision's cache, a download into that cache (`fetch_weights`).
+    """
     if config.backbone_weights:
         path = Path(config.backbone_weights).expanduser()
         if not path.is_file():
             raise ConfigError(f"backbone weights file not found: {path}")
     elif config.pretrained:
         path = cached_weights_file(arch)
+        if path is None:
+            return fetch_weights(arch)
     else:
         return None
     try:
@@ -78,9 +133,7 @@ def read_backbone_weights(config: ModelConfig, arch: str) -> tuple[dict[str, tor
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise ConfigError(f"cannot read backbone weights {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{path} is not a state dict (a mapping of names to tensors) of {arch} weights")
-    return dict(state), str(path)
+    return _checked_state(state, path, arch), str(path)
 
 
 def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], *, source: str, arch: str) -> None:
@@ -118,13 +171,28 @@ class Encoder(nn.Module):
             state, source = found
             self.load_backbone(state, source=source)
         if config.freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.frozen = True
-            self.backbone.eval()
+            self.set_frozen(True)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Fix the backbone's weights and BatchNorm statistics (or free them again for fine-tuning)."""
+        self.backbone.requires_grad_(not frozen)
+        self.frozen = frozen
+        self.backbone.train(self.training and not frozen)
 
     def load_backbone(self, state: dict[str, torch.Tensor], *, source: str) -> None:
         """Load a torchvision state dict into `backbone` (subclasses drop the keys of parts they do not keep)."""
         raise NotImplementedError
+
+    # An encoder with a backbone splits forward in two, so a frozen backbone's output can be computed once
+    # and cached (captioner/feature_cache.py): forward(images) == from_backbone(backbone_features(images)).
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> the backbone's feature map (B, C, h, w): everything freezing fixes."""
+        raise NotImplementedError(f"{type(self).__name__} has no torchvision backbone")
+
+    def from_backbone(self, features: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """The backbone's feature map (B, C, h, w) -> Encoded: everything after the backbone (trainable)."""
+        raise NotImplementedError(f"{type(self).__name__} has no torchvision backbone")
 
     def train(self, mode: bool = True) -> Encoder:
         """Switch train/eval mode; a frozen backbone stays in eval so its BatchNorm statistics never move."""
@@ -223,8 +291,15 @@ class CNNEncoder(Encoder):
 
     def forward(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
         """Images (B, 3, H, W) -> memory (B, h*w, D) with h, w = H/stride, W/stride; no attention weights."""
-        images = _checked(images)
-        features = self.backbone(images)  # (B, C, h, w)
+        return self.from_backbone(self.backbone_features(images))
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> the ResNet's feature map (B, C, H/stride, W/stride)."""
+        return self.backbone(_checked(images))
+
+    def from_backbone(self, features: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """Feature map (B, C, h, w) -> memory (B, h*w, D): projection, norm, 2-D positions, dropout."""
+        _checked_features(features, self.proj.in_features)
         B, C, h, w = features.shape
         regions = features.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major: index = row*w + col
         memory = self.norm(self.proj(regions))  # (B, N, D)
@@ -388,6 +463,10 @@ class TorchvisionViTEncoder(Encoder):
 
     def forward(self, images: torch.Tensor, *, need_weights: bool = False) -> Encoded:
         """Images (B, 3, H, W), H and W multiples of 16 -> memory (B, N, D), grid (H/16, W/16)."""
+        return self.from_backbone(self.backbone_features(images))
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W), H and W multiples of 16 -> the body's patch tokens as a map (B, 768, H/16, W/16)."""
         images = _checked(images)
         B, _, H, W = images.shape
         assert H % 16 == 0 and W % 16 == 0, f"image size {H}x{W} must be a multiple of 16 for vit_b_16"
@@ -401,7 +480,15 @@ class TorchvisionViTEncoder(Encoder):
         pos = vit.encoder.pos_embedding  # (1, 1 + training N, 768)
         x = x + torch.cat([pos[:, :1], resize_positions(pos[:, 1:], self.train_grid, (h, w))], dim=1)
         x = vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))  # (B, 1+N, 768)
-        memory = self.norm(self.proj(x[:, 1:]))  # (B, N, D): class token dropped
+        # The class token is dropped here, not classified; a map keeps the grid for from_backbone.
+        return x[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # (B, 768, h, w)
+
+    def from_backbone(self, features: torch.Tensor, *, need_weights: bool = False) -> Encoded:
+        """Patch-token map (B, 768, h, w) -> memory (B, h*w, D): projection and norm."""
+        _checked_features(features, self.proj.in_features)
+        B, C, h, w = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # (B, N, 768), row-major
+        memory = self.norm(self.proj(tokens))  # (B, N, D)
         return Encoded(memory, (h, w), None)
 
 
