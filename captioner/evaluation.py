@@ -118,10 +118,11 @@ def score_samples(samples: Sequence[Sample], texts: Sequence[str], *, java: bool
 def score_predictions(predictions: dict[str, str], references: dict[str, list[str]], *,
                       java: bool | None = None) -> EvalReport:
     """Score captions from any system against references (the `--predictions` path uses this alone)."""
-    from captioner.metrics import diversity, score_captions
+    from captioner.metrics import diversity, exact_match, score_captions
 
     scores = score_captions(references, predictions, java=java)
-    return EvalReport(predictions, references, dict(scores.values), scores.tokenizer, list(scores.notes),
+    values = {**scores.values, "exact_match": exact_match(predictions, references)}
+    return EvalReport(predictions, references, values, scores.tokenizer, list(scores.notes),
                       diversity(list(predictions.values())))
 
 

@@ -398,6 +398,18 @@ def diversity(captions: Sequence[str]) -> dict[str, float | int | str | bool]:
     }
 
 
+def exact_match(predictions: dict[str, str], references: dict[str, list[str]]) -> float:
+    """Share of images whose caption equals one of their references word for word (after `ptb_tokenize`).
+
+    The strictest reading of a caption: on data where many images share a caption it says how often the
+    model names the thing exactly, which n-gram scores blur.
+    """
+    if not predictions:
+        return 0.0
+    hits = sum(ptb_tokenize(text) in {ptb_tokenize(r) for r in references[key]} for key, text in predictions.items())
+    return hits / len(predictions)
+
+
 # ----------------------------------------------------------------------------- pointing game
 
 

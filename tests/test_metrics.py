@@ -265,3 +265,12 @@ def test_pointing_game_edges() -> None:
     with pytest.raises(ValueError, match="one per word"):
         pointing_game(maps, [None, None], (100, 100))
 
+
+
+def test_exact_match_compares_words_not_case_or_punctuation() -> None:
+    from captioner.metrics import exact_match
+
+    refs = {"a": ["A squirrel.", "a grey squirrel"], "b": ["Two wild boars."], "c": ["a frog"]}
+    assert exact_match({"a": "a squirrel", "b": "two wild boars", "c": "a toad"}, refs) == pytest.approx(2 / 3)
+    assert exact_match({"a": "squirrel"}, refs) == 0.0
+    assert exact_match({}, refs) == 0.0

@@ -23,7 +23,7 @@ from captioner.evaluation import run_samples
 from captioner.metrics import CiderD, ptb_tokenize
 from captioner.models.captioner import CaptionModel
 from captioner.scst import advantages, scst_loss, sequence_logprobs, train_scst
-from captioner.training import _scheduled_sampling, caption_loss, train
+from captioner.training import NonFiniteLoss, _scheduled_sampling, caption_loss, train
 
 from .conftest import tiny_model_config, tiny_train_config
 
@@ -337,3 +337,29 @@ def test_scst_keeps_best_by_caption_accuracy_on_the_built_in_world(
     assert checkpoint.load_weights(out / checkpoint.BEST).meta["step"] == 2
     steps = [r["step"] for r in checkpoint.read_jsonl(out / checkpoint.METRICS)]
     assert steps == [0, 1, 2]
+
+
+def test_scst_stops_on_non_finite_gradients_before_the_update(tiny_run: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """SCST had no check at all: a NaN reward gradient would have been applied and saved."""
+    real_loss = scst.scst_loss
+
+    class NaNGradient(torch.autograd.Function):  # identity forward, NaN backward: a finite loss, NaN gradients
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    def nan_gradients(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return NaNGradient.apply(loss), stats
+
+    monkeypatch.setattr(scst, "scst_loss", nan_gradients)
+    out = tmp_path / "scst"
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 1"):
+        train_scst(tiny_run, _scst_options(tiny_run, max_steps=2, batch_size=4), SCSTConfig(samples=2), out=out)
+    assert not (out / checkpoint.LAST).exists()  # nothing NaN was saved
+    assert all(torch.isfinite(p).all() for p in checkpoint.load_run(out).model.parameters())  # best: step 0's
