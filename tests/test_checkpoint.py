@@ -6,7 +6,6 @@ import builtins
 import errno
 import json
 import os
-import pickle
 import signal
 import stat
 import subprocess
@@ -98,30 +97,7 @@ def test_truncated_real_checkpoint(tmp_path: Path) -> None:
         checkpoint.load_weights(path)
 
 
-class _Payload:
-    """Unpickling this would create a marker file: the proof that code ran."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_hostile_pickle_never_executes(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-    run = tmp_path / "run"
-    run.mkdir()
-    payload = pickle.dumps(_Payload(str(marker)))
-    (run / "model.safetensors").write_bytes(payload)  # a pickle disguised as weights
-    (run / "last.safetensors").write_bytes(payload)
-    (run / "train_state.pt").write_bytes(payload)  # what other tools would torch.load
-    (run / "config.json").write_text(json.dumps({"format_version": checkpoint.FORMAT_VERSION}))
-    with pytest.raises(CheckpointError):
-        checkpoint.load_run(run)
-    with pytest.raises(CheckpointError):
-        checkpoint.load_weights(run / "last.safetensors")
-    assert not marker.exists()
+# A pickle planted as the weights of a complete run: tests/test_hostile_weights.py.
 
 
 def test_run_config_errors(tmp_path: Path) -> None:
