@@ -1,10 +1,12 @@
-"""A training start at COCO scale: augmentation without torchvision, captions tokenised once."""
+"""A training start at COCO scale: augmentation without torchvision, captions tokenised once, the samples cache."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,11 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.data import sources
 from captioner.data import vocab as vocab_module
 from captioner.data.dataset import CaptionDataset
 from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocess, TrainTransform
 from captioner.data.sources import load_samples
 from captioner.data.vocab import Caption, Vocabulary, tokenize, tokens_of
+from captioner.errors import DataError
 
 PRE = Preprocess(image_size=32)
 
@@ -125,7 +129,8 @@ def test_each_caption_is_tokenised_once(tmp_path: Path, monkeypatch: pytest.Monk
         calls[text] += 1
         return real(text)
 
-    monkeypatch.setattr(vocab_module, "tokenize", counting)
+    for module in (vocab_module, sources):  # sources imports it by name
+        monkeypatch.setattr(module, "tokenize", counting)
     samples = load_samples(_coco(tmp_path))
     captions = [c for s in samples for c in s.captions]
     vocab = Vocabulary.build(captions)
@@ -146,3 +151,117 @@ def test_a_caption_is_its_text_with_its_tokens() -> None:
         assert again == text and again.words == c.words
     assert type(Caption.of("a b")[:1]) is str  # a derived string is tokenised afresh
     assert Vocabulary.build([Caption.of(t) for t in texts]).itos == vocab.itos
+
+
+def test_the_ascii_route_gives_the_regex_tokens() -> None:
+    """tokenize's byte-level route for ASCII text against the regex route every other text takes."""
+    rng = random.Random(0)
+    alphabet = "aZ9 _-,:;.'`!?\"#()/\\\t\n|~" + "".join(chr(i) for i in range(32))
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(2000)]
+    for text in texts + ["A man's dog, running: FAST!", "x__y", "3.5", "a,,b::c"]:
+        regex = vocab_module._TOKEN.findall(vocab_module._APOSTROPHES.sub("", text.lower()))
+        assert tokenize(text) == regex, text
+
+
+# ----------------------------------------------------------------------------- the samples cache
+
+
+@pytest.fixture
+def cached_coco(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A COCO file old enough to be cached (every file and folder dated an hour back), and a cache folder
+    outside its folder; the size threshold lowered so this small file counts as large."""
+    monkeypatch.setattr(sources, "CACHE_MIN_BYTES", 0)
+    annotations = _coco(tmp_path)
+    _age(annotations, tmp_path / "images", tmp_path)
+    return annotations, tmp_path_factory.mktemp("samples-cache")
+
+
+def _age(*paths: Path) -> None:
+    old = time.time_ns() - 3600 * 10**9
+    for p in paths:
+        os.utime(p, ns=(old, old))
+
+
+def _readers_counted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = sources._read_file
+    monkeypatch.setattr(sources, "_read_file", lambda path, *a: calls.append(path) or real(path, *a))
+    return calls
+
+
+def _summary(samples: sources.SampleList) -> tuple:
+    return ([(s.image_id, s.split, s.path, list(s.captions), [c.normal for c in s.captions]) for s in samples],
+            samples.source, samples.format, samples.notes, samples.has_splits)
+
+
+def test_the_samples_cache_is_used_on_the_second_load(cached_coco: tuple[Path, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations, cache = cached_coco
+    first = load_samples(annotations, cache=cache)
+    assert len(list(cache.iterdir())) == 1
+    calls = _readers_counted(monkeypatch)
+    again = load_samples(annotations, cache=cache)
+    assert calls == [] and _summary(again) == _summary(first)
+    assert all(type(c) is Caption for s in again for c in s.captions)
+    assert _summary(load_samples(annotations, cache=False)) == _summary(first) and calls == [annotations]
+
+
+def test_a_changed_annotations_file_is_read_again(cached_coco: tuple[Path, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations, cache = cached_coco
+    load_samples(annotations, cache=cache)
+    annotations.write_text(annotations.read_text().replace("A red bus.", "A blue bus."))  # same size
+    _age(annotations)
+    calls = _readers_counted(monkeypatch)
+    samples = load_samples(annotations, cache=cache)
+    assert calls == [annotations] and "A blue bus." in {c for s in samples for c in s.captions}
+
+
+def test_a_new_symlink_out_of_the_image_folder_is_still_refused(cached_coco: tuple[Path, Path],
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The folders the images were found in are part of the cache's key: the symlink rule holds as without it."""
+    annotations, cache = cached_coco
+    load_samples(annotations, cache=cache)
+    outside = tmp_path_factory.mktemp("outside") / "secret.jpg"
+    Image.new("RGB", (8, 6)).save(outside)
+    image = annotations.parent / "images" / "2.jpg"
+    image.unlink()
+    image.symlink_to(outside)  # the folder's mtime moves
+    with pytest.raises(DataError, match="leads outside the image folder"):
+        load_samples(annotations, cache=cache)
+
+
+def test_a_corrupt_or_foreign_cache_file_is_ignored_and_replaced(cached_coco: tuple[Path, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations, cache = cached_coco
+    expected = _summary(load_samples(annotations, cache=cache))
+    (file,) = cache.iterdir()
+    good = json.loads(file.read_text())
+    broken = [b"\x00not json", json.dumps({**good, "counts": good["counts"][:-1]}).encode(),
+              json.dumps({**good, "checker": "load_samples 0"}).encode(), json.dumps([1, 2]).encode()]
+    calls = _readers_counted(monkeypatch)
+    for content in broken:
+        file.write_bytes(content)
+        calls.clear()
+        assert _summary(load_samples(annotations, cache=cache)) == expected and calls == [annotations]
+        assert json.loads(file.read_text()) == good  # rewritten
+
+
+def test_fresh_or_small_files_are_not_cached(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file changed within its mtime tick could change again unseen; a small one reads fast anyway."""
+    cache = tmp_path_factory.mktemp("samples-cache")
+    annotations = _coco(tmp_path)
+    _age(annotations, tmp_path / "images", tmp_path)
+    load_samples(annotations, cache=cache)  # small
+    monkeypatch.setattr(sources, "CACHE_MIN_BYTES", 0)
+    os.utime(annotations)
+    load_samples(annotations, cache=cache)  # the annotations just written
+    _age(annotations)
+    os.utime(tmp_path / "images")
+    load_samples(annotations, cache=cache)  # an image folder just changed
+    assert list(cache.iterdir()) == []
+    _age(tmp_path / "images")
+    load_samples(annotations, cache=cache)
+    assert len(list(cache.iterdir())) == 1

@@ -20,7 +20,7 @@ from PIL import Image
 
 from captioner.data.images import Preprocess
 from captioner.data.sources import Sample, sample_image
-from captioner.data.vocab import Vocabulary
+from captioner.data.vocab import EncodedCaptions, Vocabulary, token_count
 from captioner.errors import DataError
 
 MODES = ("random", "all")
@@ -132,16 +132,15 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.vocab, self.transform = vocab, transform
         self.max_len, self.mode, self.seed = max_len, mode, seed
         self.cache_renders = cache_renders
-        # Captions are encoded once, truncated to max_len words (the <eos> still follows).
-        encoded = [[vocab.encode(c) for c in s.captions] for s in self.samples]
-        self.truncated = sum(len(t) > max_len for caps in encoded for t in caps)  # for the caller to report
-        self.tokens: list[list[list[int]]] = [[t[:max_len] for t in caps] for caps in encoded]
-        for s, caps in zip(self.samples, self.tokens, strict=True):
-            if not caps:
+        # Captions become token ids as items ask for them, truncated to max_len words (the <eos> still follows).
+        self.tokens = EncodedCaptions([s.captions for s in self.samples], vocab, max_len)
+        self.truncated = sum(token_count(c) > max_len for s in self.samples for c in s.captions)  # for the caller
+        for s in self.samples:
+            if not s.captions:
                 raise DataError(f"image {s.image_id} has no captions")
         self.pairs: list[tuple[int, int]] | None = None
         if mode == "all":
-            self.pairs = [(i, j) for i, caps in enumerate(self.tokens) for j in range(len(caps))]
+            self.pairs = [(i, j) for i, s in enumerate(self.samples) for j in range(len(s.captions))]
         # The epoch lives in shared memory so persistent DataLoader workers see set_epoch too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._renders: dict[int, np.ndarray] = {}

@@ -293,8 +293,9 @@ class TrainTransform:
 
     The same operations on Pillow images as torchvision's RandomAffine(degrees=0, translate, scale,
     bilinear) and ColorJitter(brightness, contrast, saturation), with parameters drawn from the same
-    ranges, written out so that training does not import torchvision (seconds of start-up). Every random
-    number comes from torch's global generator, which CaptionDataset seeds per item (exact resume).
+    ranges, written out so that training does not import torchvision (a start-up cost: benchmarks/NOTES.md,
+    "Warm start at COCO scale"). Every random number comes from torch's global generator, which
+    CaptionDataset seeds per item (exact resume).
     """
 
     def __init__(self, preprocess: Preprocess, *, brightness: float = 0.15, contrast: float = 0.15,

@@ -20,13 +20,18 @@ lie inside it. A refused path reads the same whether or not its target exists.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import json
 import os
 import statistics
+import tempfile
+import time
+import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +40,20 @@ from PIL import Image
 
 from captioner.config import FORMATS, SPLITS
 from captioner.data.images import load_image
-from captioner.data.scan import Progress, scan_images
+from captioner.data.scan import Progress, default_cache_dir, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
 from captioner.data.vocab import Caption, Vocabulary, tokenize
 from captioner.errors import DataError
 
 MAX_CAPTION_TOKENS = 100  # longer "captions" are paragraphs or broken rows, not captions: dropped and counted
 HASH_SPLIT = (90, 5, 5)  # train/val/test percentages for datasets that carry no split
+
+# The samples cache (see _remembered). Bump SAMPLES_VERSION when a reader, _clean or tokenize changes what the
+# same file gives; NFKC's tables come with Python, so captions tokenised under another Unicode version are redone.
+SAMPLES_VERSION = 1
+SAMPLES_CHECKER = f"load_samples {SAMPLES_VERSION}, Unicode {unicodedata.unidata_version}"
+CACHE_MIN_BYTES = 1 << 20  # smaller annotation files read in a fraction of a second: no cache file for them
+RECENT_NS = 2_000_000_000  # a file changed this close to the read may change again within its mtime tick
 
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test"}
@@ -101,8 +113,12 @@ def hash_split(image_id: str) -> str:
 
 def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None, format: str = "auto",
                  synth_train: int = 6000, synth_val: int = 200, synth_test: int = 500, seed: int = 0,
-                 synth_image_size: int = 96, synth_max_objects: int = 3) -> SampleList:
-    """Read a dataset (or build the synthetic world when `data` is None) into samples with splits."""
+                 synth_image_size: int = 96, synth_max_objects: int = 3, cache: bool | Path = True) -> SampleList:
+    """Read a dataset (or build the synthetic world when `data` is None) into samples with splits.
+
+    A large annotations file's samples are remembered between starts (`cache`: True for the user's cache
+    directory, a folder, or False for none; see `_remembered`).
+    """
     if format not in FORMATS:
         raise DataError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if data is None:
@@ -120,17 +136,159 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
     image_dir = Path(image_dir) if image_dir is not None else None
     if image_dir is not None and not image_dir.is_dir():
         raise DataError(f"{image_dir}: images folder not found")
+    with gc_paused():
+        if cache is False:
+            return _read_file(path, image_dir, format)
+        return _remembered(path, image_dir, format, samples_cache_dir() if cache is True else Path(cache))
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a data set's millions of objects are built.
+
+    They form no reference cycles, but every few thousand new objects start a collection, and the full
+    ones walk every object alive: seconds at COCO's size (benchmarks/NOTES.md, "Warm start at COCO scale").
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_file(path: Path, image_dir: Path | None, format: str) -> SampleList:
+    """The annotations file read by its format's reader and cleaned."""
     # A JSON file is parsed once, for detecting its format and reading it (COCO's is ~90 MB).
     parsed = _read_json(path) if path.suffix.lower() == ".json" and format in _JSON_FORMATS else None
     fmt = detect_format(path, parsed) if format == "auto" else format
     reader = {"coco": _read_coco, "karpathy": _read_karpathy, "flickr8k": _read_flickr8k, "csv": _read_csv,
               "jsonl": _read_jsonl}[fmt]
     raw, notes = reader(path, image_dir, parsed)
+    del parsed  # read into `raw`: free it before cleaning builds the samples
     samples = _clean(raw, notes)
     if not samples:
         raise DataError(f"{path}: no images with usable captions")
     return SampleList(samples, source=str(path), format=fmt, notes=notes,
                       has_splits=any(r.split is not None for r in raw))
+
+
+# ----------------------------------------------------------------------------- the samples cache
+
+
+def samples_cache_dir() -> Path:
+    """Where load_samples remembers large annotation files: beside the scan cache, in the user's cache directory."""
+    return default_cache_dir().parent / "samples"
+
+
+def _remembered(path: Path, image_dir: Path | None, format: str, cache_dir: Path) -> SampleList:
+    """The samples of a large annotations file, from the cache when nothing they came from has changed.
+
+    The cache holds what `_read_file` returned (captions with their tokens), one JSON file per (annotations
+    file, format, image folder, and the working directory when a path is relative), and is trusted only
+    while the annotations file keeps its size and mtime and the folders the images were found in, and
+    those where the image folder is looked for, keep theirs (`_folders_of`): adding, removing or re-pointing
+    an entry there (an image, a symlink, a candidate folder) changes a folder's mtime, and the next load
+    reads the file again, so the image-folder and symlink rules hold as they do without a cache. Like the
+    scan cache it is only a hint: unreadable, malformed or stale files are ignored and replaced.
+    """
+    relative = not path.is_absolute() or (image_dir is not None and not image_dir.is_absolute())
+    key = "\0".join([os.getcwd() if relative else "", os.path.abspath(path), format,
+                     "" if image_dir is None else os.path.abspath(image_dir)])
+    file = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    st = os.stat(path)
+    if st.st_size < CACHE_MIN_BYTES:
+        return _read_file(path, image_dir, format)
+    stamp = {"checker": SAMPLES_CHECKER, "key": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    samples = _read_samples_cache(file, stamp)
+    if samples is not None:
+        return samples
+    started = time.time_ns()
+    samples = _read_file(path, image_dir, format)
+    dirs = _folders_of(path, samples)
+    recent = started - RECENT_NS
+    if st.st_mtime_ns < recent and all(m < recent for m in dirs.values()) \
+            and all(s.scene is None for s in samples):  # scenes are regenerated from the world, not stored
+        _write_samples_cache(file, {**stamp, "dirs": dirs}, samples)
+    return samples
+
+
+def _folders_of(annotations: Path, samples: Sequence[Sample]) -> dict[str, int]:
+    """mtime (ns) of each folder whose entries decided where the images are: those holding them, the folders
+    between them and the deepest one they share, that one's parent (the image folder's siblings: other
+    candidates), and the annotations' folder (where the image folder is looked for first)."""
+    parents = {os.path.abspath(d) for d in {os.path.dirname(s.path) for s in samples if s.path is not None}}
+    shared = os.path.commonpath(list(parents)) if parents else None
+    folders = {os.path.dirname(os.path.abspath(annotations))}
+    if shared is not None:
+        folders.add(os.path.dirname(shared))
+    for d in parents:
+        while d not in folders:
+            folders.add(d)
+            if d == shared or os.path.dirname(d) == d:
+                break
+            d = os.path.dirname(d)
+    out: dict[str, int] = {}
+    for d in sorted(folders):
+        with suppress(OSError):
+            out[d] = os.stat(d).st_mtime_ns
+    return out
+
+
+def _read_samples_cache(file: Path, stamp: dict[str, Any]) -> SampleList | None:
+    """The remembered samples when `stamp` and every folder's mtime still match, else None."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):  # absent, unreadable, not UTF-8, not JSON: read the annotations
+        return None
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in stamp.items()):
+        return None
+    try:
+        if any(os.stat(d).st_mtime_ns != m for d, m in data["dirs"].items()):
+            return None
+        return _unpack(data)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):  # a folder gone, a malformed file
+        return None
+
+
+def _unpack(data: dict[str, Any]) -> SampleList:
+    """Samples from the cache's columns (the inverse of _write_samples_cache's)."""
+    ids, paths, splits, counts = data["ids"], data["paths"], data["splits"], data["counts"]
+    texts, normals = data["captions"], data["normals"]
+    if not ids or not len(ids) == len(paths) == len(splits) == len(counts) \
+            or not len(texts) == len(normals) == sum(counts) or not set(splits) <= set(SPLITS) \
+            or not all(isinstance(t, str) for column in (ids, texts, normals) for t in column):
+        raise ValueError("inconsistent samples cache")
+    captions = list(map(Caption.of, texts, normals))
+    out = SampleList(source=data["source"], format=data["format"], notes=data["notes"],
+                     has_splits=data["has_splits"])
+    start = 0
+    for image_id, path, split, n in zip(ids, paths, splits, counts, strict=True):
+        out.append(Sample(image_id, captions[start:start + n], split, Path(path)))
+        start += n
+    return out
+
+
+def _write_samples_cache(file: Path, stamp: dict[str, Any], samples: SampleList) -> None:
+    """Replace the cache file in one step (as scan.py does); one that cannot be written only costs a read."""
+    data = {**stamp, "source": samples.source, "format": samples.format, "notes": samples.notes,
+            "has_splits": samples.has_splits, "ids": [s.image_id for s in samples],
+            "paths": [str(s.path) for s in samples], "splits": [s.split for s in samples],
+            "counts": [len(s.captions) for s in samples], "captions": [c for s in samples for c in s.captions],
+            "normals": [c.normal for s in samples for c in s.captions]}
+    temp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, separators=(",", ":")))  # dumps, not dump: only it runs json's C encoder
+        os.replace(temp, file)
+    except OSError:  # a read-only cache folder
+        if temp is not None:
+            with suppress(OSError):
+                os.unlink(temp)
 
 
 def _annotations_in_folder(folder: Path) -> Path:
@@ -259,7 +417,7 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
             elif c in kept:
                 duplicate_captions += 1
             else:
-                kept.append(Caption.of(c, words))
+                kept.append(Caption.of(c, " ".join(words)))
         if not kept:
             no_captions += 1
             continue

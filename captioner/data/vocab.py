@@ -37,7 +37,7 @@ _ASCII = _ascii_table()
 def tokenize(text: str) -> list[str]:
     """Lower-cased words (letters and digits) plus "," and ":" as tokens; all other punctuation dropped."""
     if text.isascii():
-        # The same tokens as the regex below, from byte-level passes: several times faster, and nearly
+        # The same tokens as the regex below from byte-level passes, which cost a fraction of it, and nearly
         # every caption of an English data set is ASCII (benchmarks/NOTES.md, "Warm start at COCO scale").
         data = text.encode("ascii").translate(_ASCII, b"'`")
         return data.replace(b",", b" , ").replace(b":", b" : ").decode("ascii").split()
@@ -56,10 +56,10 @@ class Caption(str):
     normal: str  # its tokens joined by single spaces: one string, not a list of them, to keep a data set small
 
     @classmethod
-    def of(cls, text: str, words: Sequence[str] | None = None) -> Caption:
-        """The text with its tokens: `words` when the caller has just tokenised it, else tokenize(text)."""
+    def of(cls, text: str, normal: str | None = None) -> Caption:
+        """The text with its tokens: `normal` when the caller knows them already (" ".join(tokenize(text)))."""
         caption = cls(text)
-        caption.normal = " ".join(tokenize(text) if words is None else words)
+        caption.normal = " ".join(tokenize(text)) if normal is None else normal
         return caption
 
     @property
@@ -71,6 +71,13 @@ class Caption(str):
 def tokens_of(text: str) -> list[str]:
     """tokenize(text), read from a Caption instead of computed again."""
     return text.normal.split() if type(text) is Caption else tokenize(text)
+
+
+def token_count(text: str) -> int:
+    """len(tokenize(text)), counted without splitting a Caption's tokens apart."""
+    if type(text) is Caption:
+        return text.normal.count(" ") + 1 if text.normal else 0
+    return len(tokenize(text))
 
 
 class Vocabulary:
@@ -169,3 +176,25 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary({len(self)} tokens)"
+
+
+class EncodedCaptions:
+    """Groups of captions (one group per image) as token ids, at most `max_len` each, encoded when asked for.
+
+    Encoding a data set's hundreds of thousands of captions up front would hold up the start of training
+    for seconds; an item needs a handful, in microseconds. The group asked for last is kept, as an item
+    reads its group more than once.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[str]], vocab: Vocabulary, max_len: int) -> None:
+        self.groups, self.vocab, self.max_len = groups, vocab, max_len
+        self._last: tuple[int | None, list[list[int]]] = (None, [])
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> list[list[int]]:
+        """Group `index`'s captions as token ids."""
+        if self._last[0] != index:
+            self._last = (index, [self.vocab.encode(c)[: self.max_len] for c in self.groups[index]])
+        return self._last[1]
