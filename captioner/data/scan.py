@@ -41,6 +41,7 @@ CHECKER = f"check_image {SCAN_VERSION}, Pillow {PIL.__version__}"
 # mtime as they were (git calls this "racily clean"): its verdict is not remembered.
 RECENT_NS = 2_000_000_000
 CHUNK = 64  # files per task: per-file tasks would cost about as much as a check, bigger ones a jerky progress
+STAT_CHUNK = 2048  # files per stat task: a stat is microseconds, so small tasks would cost more than the stats
 
 Progress = Callable[[int, int], None]  # (files done, files in all)
 Stat = list[int]  # [size in bytes, mtime in ns]: a list, as JSON reads it back, so entries compare as read
@@ -64,8 +65,7 @@ def scan_images(paths: Sequence[str | Path], *, workers: int = 16, cache: bool |
     cache: True keeps the cache in default_cache_dir(), a Path keeps it in that folder, False keeps none.
     on_progress(done, total) is called from this thread as verdicts come in.
     """
-    cwd = os.getcwd()
-    files = [_absolute(p, cwd) for p in paths]
+    files = _absolute_all(paths)
     if not files:
         return []
     started = time.time_ns()
@@ -90,10 +90,11 @@ def scan_images(paths: Sequence[str | Path], *, workers: int = 16, cache: bool |
     return reasons
 
 
-def _absolute(path: str | Path, cwd: str) -> str:
-    """An absolute path as a string, without resolving symlinks (cheap: it runs once per file of the data set)."""
-    text = os.fspath(path)
-    return text if os.path.isabs(text) else os.path.join(cwd, text)
+def _absolute_all(paths: Sequence[str | Path]) -> list[str]:
+    """Absolute paths as strings, without resolving symlinks (a prefix test, not isabs: it runs per file)."""
+    cwd = os.getcwd()
+    texts = [os.fspath(p) for p in paths]
+    return [t if t.startswith(os.sep) else os.path.join(cwd, t) for t in texts]
 
 
 def _shared_folder(files: list[str]) -> str:
@@ -102,9 +103,9 @@ def _shared_folder(files: list[str]) -> str:
     return prefix[:prefix.rfind(os.sep)] or os.sep
 
 
-def _chunks(items: list) -> Iterator[list]:
-    for start in range(0, len(items), CHUNK):
-        yield items[start:start + CHUNK]
+def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 def _stat(file: str) -> Stat | None:
@@ -131,7 +132,7 @@ def _changed(pool: ThreadPoolExecutor, files: list[str], keys: list[str], known:
     """
     stats: list[Stat | None] = []
     todo: list[int] = []
-    for part in pool.map(_stat_all, _chunks(files)):
+    for part in pool.map(_stat_all, _chunks(files, STAT_CHUNK)):
         for st in part:
             if st is None or known.get(keys[len(stats)]) != st:
                 todo.append(len(stats))
