@@ -17,7 +17,7 @@ import torch
 from captioner.api import Captioner
 from captioner.checkpoint import write_json
 from captioner.data.images import to_tensor_batch
-from captioner.data.sources import load_samples, sample_image
+from captioner.data.sources import SampleList, load_samples, sample_image, split_or_whole
 from captioner.decoding import Caption, DecodeSettings, decode_batch
 from captioner.errors import DataError
 
@@ -226,7 +226,7 @@ WORLD_OPTIONS = ("synth_train", "synth_val", "synth_test", "synth_max_objects", 
 
 
 def run_samples(train_options: dict[str, Any], *, data: str | None = None, image_dir: str | None = None,
-                format: str = "auto") -> list[Sample]:
+                format: str = "auto") -> SampleList:
     """The samples a run was trained on, rebuilt from its stored training options (or `data` instead)."""
     if data is None and train_options.get("data") is not None:
         saved_dir = train_options.get("image_dir", train_options.get("images"))  # "images": older runs' name
@@ -236,14 +236,15 @@ def run_samples(train_options: dict[str, Any], *, data: str | None = None, image
     return load_samples(data, image_dir=image_dir, format=format, **world)
 
 
-def _split_to_score(samples: Sequence[Sample], split: str, *, whole_ok: bool) -> tuple[list[Sample], str]:
+def _split_to_score(samples: SampleList, split: str, *, whole_ok: bool) -> tuple[list[Sample], str]:
     """The samples of `split`, or every sample of a file that names no splits (COCO's val2017 is one test set).
 
     Returns the samples and the words the title uses for them.
     """
-    if whole_ok and not getattr(samples, "has_splits", True):
-        return list(samples), "all, the file names no splits"
-    return [s for s in samples if s.split == split], split
+    if not whole_ok:
+        return [s for s in samples if s.split == split], split
+    chosen, whole = split_or_whole(samples, split)
+    return chosen, split if whole is None else "all, the file names no splits"
 
 
 def run_evaluate(*, model: Path | None, data: str | None, image_dir: str | None, format: str, split: str,

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from captioner.data import scan
 from captioner.data.dataset import CaptionDataset
 from captioner.data.files import workers_for
 from captioner.data.images import Preprocess
@@ -60,7 +61,7 @@ class _Stale(Exception):
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/captioner/features, or ~/.cache/captioner/features."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner" / "features"
+    return scan.default_cache_dir().parent / "features"  # beside the scan and samples caches
 
 
 # ----------------------------------------------------------------------------------------------------------

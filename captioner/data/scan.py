@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import PIL
 
@@ -176,15 +177,20 @@ def _read(file: Path, folder: str) -> tuple[dict[str, Stat], bool]:
 
 
 def _write(file: Path, folder: str, remembered: dict[str, Stat]) -> None:
-    """Replace the cache file in one step; a folder that cannot be written only costs the next start a scan."""
+    replace_json(file, {"checker": CHECKER, "folder": folder, "ok": remembered})
+
+
+def replace_json(file: Path, data: Any) -> None:
+    """Replace a cache file with `data` as JSON in one step; a folder that cannot be written only costs the
+    next start the work the cache would have saved, so the error is swallowed."""
     temp = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"checker": CHECKER, "folder": folder, "ok": remembered}, f, separators=(",", ":"))
+            f.write(json.dumps(data, separators=(",", ":")))  # dumps, not dump: only it runs json's C encoder
         os.replace(temp, file)
-    except OSError:
+    except OSError:  # a read-only cache folder
         if temp is not None:
             with suppress(OSError):
                 os.unlink(temp)

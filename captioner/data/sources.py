@@ -26,7 +26,6 @@ import io
 import json
 import os
 import statistics
-import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -40,7 +39,7 @@ from PIL import Image
 
 from captioner.config import FORMATS, SPLITS
 from captioner.data.images import load_image
-from captioner.data.scan import Progress, default_cache_dir, scan_images
+from captioner.data.scan import Progress, default_cache_dir, replace_json, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
 from captioner.data.vocab import Caption, Vocabulary, tokenize
 from captioner.errors import DataError
@@ -272,23 +271,13 @@ def _unpack(data: dict[str, Any]) -> SampleList:
 
 
 def _write_samples_cache(file: Path, stamp: dict[str, Any], samples: SampleList) -> None:
-    """Replace the cache file in one step (as scan.py does); one that cannot be written only costs a read."""
+    """The samples as columns of one JSON file, replaced in one step (scan.replace_json)."""
     data = {**stamp, "source": samples.source, "format": samples.format, "notes": samples.notes,
             "has_splits": samples.has_splits, "ids": [s.image_id for s in samples],
             "paths": [str(s.path) for s in samples], "splits": [s.split for s in samples],
             "counts": [len(s.captions) for s in samples], "captions": [c for s in samples for c in s.captions],
             "normals": [c.normal for s in samples for c in s.captions]}
-    temp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, separators=(",", ":")))  # dumps, not dump: only it runs json's C encoder
-        os.replace(temp, file)
-    except OSError:  # a read-only cache folder
-        if temp is not None:
-            with suppress(OSError):
-                os.unlink(temp)
+    replace_json(file, data)
 
 
 def _annotations_in_folder(folder: Path) -> Path:
