@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from captioner import checkpoint, evaluation
 from captioner.config import ModelConfig, TrainConfig
 from captioner.data.dataset import Batch, CaptionDataset, make_loader
 from captioner.data.images import Preprocess, train_transform
-from captioner.data.sources import Sample, check_images, load_samples, split_or_whole
+from captioner.data.sources import Sample, SampleList, check_images, load_samples, split_or_whole
 from captioner.data.vocab import Vocabulary
 from captioner.decoding import DecodeSettings
 from captioner.errors import CaptionerError, CheckpointError, ConfigError, DataError
@@ -437,9 +437,9 @@ def _validation_file(cfg: TrainConfig, emit: Event) -> list[Sample]:
     return chosen
 
 
-def _report_notes(samples: Sequence[Sample], emit: Event) -> None:
-    for note in getattr(samples, "notes", []):  # what loading dropped or merged (empty, overlong, repeated)
-        emit("warning", {"message": f"{getattr(samples, 'source', '')}: {note}"})
+def _report_notes(samples: SampleList, emit: Event) -> None:
+    for note in samples.notes:  # what loading dropped or merged (empty, overlong, repeated)
+        emit("warning", {"message": f"{samples.source}: {note}"})
 
 
 def _usable(by_split: dict[str, list[Sample]], emit: Event, skip_bad_images: bool) -> dict[str, list[Sample]]:
@@ -580,7 +580,7 @@ def cross_entropy_step(run: Run, group: list[Batch]) -> dict[str, Any]:
     Each batch adds its summed token losses divided by the group's token count, so N batches of B images
     make the same update as one batch of N*B. DDP averages gradients only after the last batch (no_sync).
     """
-    tokens = sum(int((~b.pad_mask).sum()) for b in group)  # CPU tensors: no device sync
+    tokens = sum(int(b.lengths.sum()) for b in group)  # real target tokens; CPU tensors: no device sync
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for i, batch in enumerate(group):
