@@ -57,13 +57,26 @@ def _log_probs(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def _static_len(static: bool | None, images: torch.Tensor, opts: SearchOptions, need_weights: bool) -> int | None:
+    """Positions of fixed-size caches for this search, or None for growing ones.
+
+    static None = on a GPU, where the fixed-size step is replayed from a CUDA graph; on the CPU the
+    growing caches are as fast. Attention weights are recorded only by the growing path.
+    """
+    use = images.device.type == "cuda" if static is None else static
+    return opts.max_len if use and not need_weights else None
+
+
 @torch.inference_mode()
 def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
-           need_weights: bool = False) -> list[Hypothesis]:
-    """Pick the most likely token at every step; rows that reached <eos> stop growing."""
+           need_weights: bool = False, static: bool | None = None) -> list[Hypothesis]:
+    """Pick the most likely token at every step; rows that reached <eos> stop growing.
+
+    static: fixed-size caches (a CUDA graph's step on a GPU; see CaptionModel.begin); None = on a GPU.
+    """
     B = images.shape[0]
     encoded = model.encode(images)
-    state = model.start(encoded.memory)  # memory (B, N, D)
+    steps = model.begin(encoded.memory, static_len=_static_len(static, images, opts, need_weights))
     banned = opts.banned()
     tokens = torch.full((B,), opts.bos_id, dtype=torch.long, device=images.device)
     out = torch.full((B, opts.max_len), opts.eos_id, dtype=torch.long, device=images.device)
@@ -71,7 +84,7 @@ def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
     alive = torch.ones(B, dtype=torch.bool, device=images.device)
     crosses = []
     for t in range(opts.max_len):
-        logits, cross = model.step(tokens, state, need_weights=need_weights)  # (B, V), (L, B, H, N)
+        logits, cross = steps.step(tokens, need_weights=need_weights)  # (B, V), (L, B, H, N)
         logp = _log_probs(logits, banned)
         best_logp, tokens = logp.max(dim=-1)  # (B,)
         tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
@@ -110,14 +123,14 @@ def naive_greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions)
 @torch.inference_mode()
 def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, beam: int = 3,
                 length_penalty: float = 0.0, no_repeat_ngram: int = 0, need_weights: bool = False,
-                n_best: int = 1) -> list[Hypothesis]:
+                n_best: int = 1, static: bool | None = None) -> list[Hypothesis]:
     """Keep the `beam` best prefixes per image; all (images x beams) rows advance as one batch.
 
     Finished hypotheses are ranked by logprob / length**length_penalty (0 = plain log-probability,
     1 = per-token average). `no_repeat_ngram` > 0 forbids repeating any n-gram of that size.
     n_best > 1 (at most `beam`) also returns each image's next best finished hypotheses, ranked, as the
     best one's `runners_up`: the search only stops once no live beam can beat the beam-th best finished
-    one, so the first `beam` of them are final.
+    one, so the first `beam` of them are final. `static` as in `greedy`.
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
@@ -126,8 +139,8 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
     B, device = images.shape[0], images.device
     K = beam
     encoded = model.encode(images)
-    state = model.start(encoded.memory)  # memory (B, N, D)
-    state.reorder(torch.arange(B, device=device).repeat_interleave(K))  # (B*K) rows, beams of an image adjacent
+    # (B*K) rows, the beams of an image adjacent
+    steps = model.begin(encoded.memory, per_image=K, static_len=_static_len(static, images, opts, need_weights))
     banned = opts.banned()
     tokens = torch.full((B * K,), opts.bos_id, dtype=torch.long, device=device)
     # Only the first beam of each image is live at the start, so the K beams do not all pick the same word.
@@ -138,7 +151,7 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
     finished: list[list[tuple[float, float, list[int], torch.Tensor | None]]] = [[] for _ in range(B)]
 
     for t in range(opts.max_len):
-        logits, cross = model.step(tokens, state, need_weights=need_weights)  # (B*K, V)
+        logits, cross = steps.step(tokens, need_weights=need_weights)  # (B*K, V)
         logp = _log_probs(logits, banned)  # (B*K, V)
         V = logp.shape[-1]
         if no_repeat_ngram > 0:
@@ -159,7 +172,7 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
         if _search_done(finished, live_logp, K, length_penalty, opts.max_len):
             break
         index = torch.tensor(new_rows, dtype=torch.long, device=device)  # (B*K,)
-        state.reorder(index)
+        steps.reorder(index)
         tokens = torch.tensor(new_words, dtype=torch.long, device=device)  # (B*K,)
         history = torch.cat([history[index], tokens[:, None]], dim=1)
         if need_weights:
@@ -249,23 +262,25 @@ def _ban_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
 @torch.inference_mode()
 def sample(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, n: int = 1,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
-    """Draw `n` captions per image from the (temperature, top-k, nucleus top-p) filtered distribution."""
+           generator: torch.Generator | None = None, static: bool | None = None) -> list[list[Hypothesis]]:
+    """Draw `n` captions per image from the (temperature, top-k, nucleus top-p) filtered distribution.
+
+    `static` as in `greedy`.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     B, device = images.shape[0], images.device
     memory = model.encode(images).memory  # (B, N, D)
-    state = model.start(memory)
-    state.reorder(torch.arange(B, device=device).repeat_interleave(n))  # (B*n) rows
+    steps = model.begin(memory, per_image=n, static_len=_static_len(static, images, opts, False))  # (B*n) rows
     banned = opts.banned()
     tokens = torch.full((B * n,), opts.bos_id, dtype=torch.long, device=device)
     out = torch.full((B * n, opts.max_len), opts.eos_id, dtype=torch.long, device=device)
     logprob = torch.zeros(B * n, device=device)
     alive = torch.ones(B * n, dtype=torch.bool, device=device)
     for t in range(opts.max_len):
-        logits, _ = model.step(tokens, state)
+        logits, _ = steps.step(tokens)
         logp = _log_probs(logits / temperature, banned)  # (B*n, V)
         filtered = filter_logits(logp, top_k=top_k, top_p=top_p)
         tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)

@@ -213,6 +213,42 @@ class KVCache:
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
 
 
+class StaticKVCache:
+    """A self-attention cache of fixed rows and capacity, written at a position held in a tensor.
+
+    Every step then has the same shapes and reads and writes the same memory, which is what a CUDA
+    graph needs to replay it (captioner/models/graphs.py). `append` returns all `capacity` slots: the
+    decoder's mask hides the slots past `position`, and they start at zero, never NaN, because a zero
+    attention weight times a NaN value would still be NaN.
+    """
+
+    frozen = False
+
+    def __init__(self, rows: int, heads: int, capacity: int, d_head: int, *, position: torch.Tensor,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        assert position.shape == (1,) and position.dtype == torch.long, "position must be a (1,) LongTensor"
+        self.k = torch.zeros(rows, heads, capacity, d_head, dtype=dtype, device=device)  # (B, H, capacity, Dh)
+        self.v = torch.zeros_like(self.k)
+        self.position = position  # the slot the next key goes to; shared with the decoder state, which advances it
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one new position (B, H, 1, Dh) at `position`; return every slot (B, H, capacity, Dh)."""
+        assert k.shape[2] == 1, "a static cache takes one position per step"
+        self.k.index_copy_(2, self.position, k)
+        self.v.index_copy_(2, self.position, v)
+        return self.k, self.v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows `index` (B,) of the batch, in that order, written in place so the memory stays where it was."""
+        assert index.shape[0] == self.k.shape[0], "a static cache keeps its number of rows"
+        self.k.copy_(self.k.index_select(0, index))
+        self.v.copy_(self.v.index_select(0, index))
+
+    def clear(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 
@@ -249,7 +285,10 @@ class MultiHeadAttention(nn.Module):
         B, Tk, _ = key.shape
         if key is value:
             kv = self.to_kv.forward(key).view(B, Tk, 2, self.n_heads, self.d_head)  # (B, Tk, 2, H, Dh)
-            return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            # unbind, not two selects: its backward stacks the two gradients in one copy, where each
+            # select's backward would zero-fill a whole (B, Tk, 2, H, Dh) tensor and then add them.
+            k, v = kv.unbind(2)
+            return k.transpose(1, 2), v.transpose(1, 2)
         D = self.n_heads * self.d_head
         w, b, kernels = self.to_kv.weight, self.to_kv.bias, self.to_kv.kernels
         return (self._split_heads(kernels.linear(key, w[:D], b[:D])),
@@ -263,7 +302,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None, *,
                 mask: torch.Tensor | None = None, need_weights: bool = False,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | StaticKVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from query (B, Tq, D) to key/value (B, Tk, d_kv): (out (B, Tq, D), weights (B, H, Tq, Tk)|None).
 
         `mask` is bool broadcastable to (B, H, Tq, Tk), True = attend. With a growing `cache` the new

@@ -10,9 +10,10 @@ from torch import nn
 from captioner.config import ModelConfig
 from captioner.models.decoder import DecoderState, TransformerDecoder
 from captioner.models.encoders import Encoded, build_encoder
+from captioner.models.graphs import StepGraphs, Stepper
 from captioner.models.kernels import Kernels, use_kernels
 
-__all__ = ["CaptionModel", "DecoderState", "Encoded", "Kernels"]
+__all__ = ["CaptionModel", "DecoderState", "Encoded", "Kernels", "Stepper"]
 
 # Parameters that AdamW must not decay: scales and shifts of norms, and vectors looked up rather than
 # multiplied (embeddings, positions, the CLS slot). Decaying them pulls them to zero for no benefit.
@@ -32,6 +33,7 @@ class CaptionModel(nn.Module):
         self.encoder = build_encoder(config).to(memory_format=torch.channels_last)
         self.decoder = TransformerDecoder(config)
         self.kernels = Kernels()  # what every layer runs on; change it with use_kernels
+        self.step_graphs = StepGraphs()  # static decoding states (CUDA graphs on a GPU), kept across calls
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -104,9 +106,23 @@ class CaptionModel(nn.Module):
 
     # -- incremental decoding ---------------------------------------------------------------------------
 
-    def start(self, memory: torch.Tensor) -> DecoderState:
-        """Decoding state for memory (B, N, D): cross-attention K/V computed once, empty self-attention caches."""
-        return self.decoder.start(memory)
+    def start(self, memory: torch.Tensor, *, per_image: int = 1, capacity: int | None = None) -> DecoderState:
+        """Decoding state for memory (B, N, D): cross-attention K/V computed once, empty self-attention caches.
+
+        per_image rows decode each image (beams, samples); capacity gives fixed-size caches (see graphs.py).
+        """
+        return self.decoder.start(memory, per_image=per_image, capacity=capacity)
+
+    def begin(self, memory: torch.Tensor, *, per_image: int = 1, static_len: int | None = None) -> Stepper:
+        """The decoding steps of memory (B, N, D), per_image rows per image: `Stepper.step(tokens)` advances them.
+
+        static_len: fixed-size caches of that many positions, reused across calls of the same shape and, on
+        a GPU, the step replayed from a CUDA graph (graphs.py); None: caches that grow, made afresh.
+        """
+        if static_len is None:
+            return Stepper(self.decoder, self.start(memory, per_image=per_image))
+        return self.step_graphs.stepper(self.decoder, memory, per_image=per_image, capacity=static_len,
+                                        record=memory.device.type == "cuda")
 
     def step(self, tokens: torch.Tensor, state: DecoderState, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig
-from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, causal_mask
+from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, StaticKVCache, causal_mask
 from captioner.models.kernels import Linear
 from captioner.models.positional import sinusoidal_1d
 
@@ -30,11 +30,14 @@ class DecoderState:
     copies (see MultiHeadAttention.forward).
     """
 
-    self_caches: list[KVCache]  # grow by one position per step, one row per decoded sequence
+    self_caches: list[KVCache] | list[StaticKVCache]  # one row per decoded sequence
     cross_caches: list[KVCache]  # frozen: the image memory's K/V, computed once, one row per image
     position: int = 0  # absolute position of the next token (for its positional encoding)
     batch_size: int = 0  # rows being decoded (changes with reorder): a multiple of the images
     images: int = 0  # rows of the cross caches
+    # Static caches (`start(capacity=...)`): the position again, as a (1,) tensor on the model's device that
+    # the step itself advances, so a step captured in a CUDA graph finds it in the same memory every time.
+    index: torch.Tensor | None = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Continue row r from old row index[r] (B',); rows may repeat but must stay with their own image.
@@ -47,9 +50,15 @@ class DecoderState:
         old_per, new_per = self.batch_size // self.images, rows // self.images
         assert torch.equal(index // old_per, torch.arange(rows, device=index.device) // new_per), \
             "reorder may only move rows among the rows of their own image"
+        assert self.index is None or rows == self.batch_size, "static caches keep their number of rows"
         for cache in self.self_caches:
             cache.reorder(index)
         self.batch_size = rows
+
+    @property
+    def capacity(self) -> int | None:
+        """Positions a static state holds (None: the caches grow)."""
+        return None if self.index is None else self.self_caches[0].k.shape[2]
 
 
 # The decoder's hot path calls functions and submodules' `forward`, never `module(x)`: at batch 1 a decoding
@@ -133,12 +142,21 @@ class TransformerDecoder(nn.Module):
             self._positions = table
         return table[offset:end].to(like.dtype)
 
-    def _embed(self, tokens: torch.Tensor, *, offset: int) -> torch.Tensor:
+    def position_table(self, capacity: int, like: torch.Tensor) -> torch.Tensor:
+        """The whole table, at least `capacity` rows on like's device: what a static step indexes."""
+        self.positions(0, capacity, like)
+        return self._positions
+
+    def _embed(self, tokens: torch.Tensor, *, offset: int | torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus the positions from `offset` on (an int, or a static state's (1,) tensor)."""
         B, T = tokens.shape
         # x sqrt(D) as in Vaswani et al.: the tied embedding's rows stay small (they are also the output
         # layer), and the scaling lets the token signal keep up with the unit-scale positions.
         x = self.embed.forward(tokens) * math.sqrt(self.d_model)  # (B, T, D)
-        x = x + self.positions(offset, T, x)
+        if isinstance(offset, torch.Tensor):  # a static step: the table was grown to capacity by `start`
+            x = x + self._positions.index_select(0, offset).to(x.dtype)
+        else:
+            x = x + self.positions(offset, T, x)
         return self.dropout.forward(x) if self.training else x
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None, *, pad_mask: torch.Tensor | None = None,
@@ -164,10 +182,15 @@ class TransformerDecoder(nn.Module):
             assert B == state.batch_size, \
                 f"state holds {state.batch_size} rows but {B} were given (reorder the state?)"
             assert pad_mask is None, "a decoding state continues unpadded sequences: pass no pad_mask"
-            # One new token sees every cached position, all in its past: no mask. Several need the offset one.
-            mask = None if T == 1 else causal_mask(T, tokens.device, past=state.position)  # (T, past + T)
             self_caches, cross_caches = state.self_caches, state.cross_caches
-            offset = state.position
+            if state.index is not None:  # static caches: the slots up to this position, counted on the device
+                assert T == 1, "static caches take one token per step"
+                mask = torch.arange(state.capacity, device=tokens.device).view(1, -1) <= state.index  # (1, capacity)
+                offset = state.index
+            else:
+                # One new token sees every cached position, all in its past: no mask. Several need the offset one.
+                mask = None if T == 1 else causal_mask(T, tokens.device, past=state.position)  # (T, past + T)
+                offset = state.position
         if pad_mask is not None:
             assert pad_mask.shape == (B, T) and pad_mask.dtype == torch.bool, \
                 f"pad_mask must be bool {(B, T)} (True = padding), got {pad_mask.dtype} {tuple(pad_mask.shape)}"
@@ -180,16 +203,42 @@ class TransformerDecoder(nn.Module):
             crosses.append(weights)
         if state is not None:
             state.position += T
+            if state.index is not None:
+                state.index += T  # in place: a captured step advances its own position
         logits = self.head.forward(self.norm.forward(x))  # (B, T, V)
         return logits, (torch.stack(crosses) if need_weights else None)  # (L, B, H, T, N)
 
-    def start(self, memory: torch.Tensor) -> DecoderState:
-        """Empty self-attention caches, and every layer's cross-attention K/V of memory (B, N, D) computed once."""
+    def start(self, memory: torch.Tensor, *, per_image: int = 1, capacity: int | None = None) -> DecoderState:
+        """A decoding state for memory (B, N, D): every layer's cross-attention K/V computed once, empty caches.
+
+        per_image: rows decoded per image (beams, samples), adjacent. capacity: positions of fixed-size
+        static self-attention caches (a CUDA graph's step needs them); None: caches that grow.
+        """
         assert memory.dim() == 3 and memory.shape[-1] == self.d_model, \
             f"memory must be (B, N, D={self.d_model}), got {tuple(memory.shape)}"
-        return DecoderState(self_caches=[KVCache() for _ in self.layers],
-                            cross_caches=[layer.cross_attn.precompute(memory) for layer in self.layers],
-                            batch_size=memory.shape[0], images=memory.shape[0])
+        images = memory.shape[0]
+        state = DecoderState(self_caches=[KVCache() for _ in self.layers],
+                             cross_caches=[layer.cross_attn.precompute(memory) for layer in self.layers],
+                             batch_size=images * per_image, images=images)
+        if capacity is not None:
+            self.position_table(capacity, memory)  # grown here once, not inside a recorded step
+            state.index = torch.zeros(1, dtype=torch.long, device=memory.device)
+            heads, d_head = self.layers[0].self_attn.n_heads, self.layers[0].self_attn.d_head
+            state.self_caches = [StaticKVCache(state.batch_size, heads, capacity, d_head, position=state.index,
+                                               dtype=memory.dtype, device=memory.device) for _ in self.layers]
+        return state
+
+    def restart(self, state: DecoderState, memory: torch.Tensor) -> None:
+        """Reuse a static state for new images of the same shape: their K/V into its memory, position 0."""
+        assert state.index is not None, "only static states are restarted; start a growing one afresh"
+        for layer, cache in zip(self.layers, state.cross_caches, strict=True):
+            k, v = layer.cross_attn.project_kv(memory, memory)
+            cache.k.copy_(k)  # frozen caches hold whole tensors (no spare capacity): k is all of it
+            cache.v.copy_(v)
+        for cache in state.self_caches:
+            cache.clear()
+        state.index.zero_()
+        state.position = 0
 
     def step(self, tokens: torch.Tensor, state: DecoderState, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

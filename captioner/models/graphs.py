@@ -1,0 +1,127 @@
+"""Decoding steps on fixed memory, replayed from CUDA graphs where there is a GPU.
+
+A batch-1 decoding step of a 6-layer decoder launches ~100 small kernels, and on a GPU those launches,
+not the arithmetic, set its speed. A CUDA graph records the launches once and replays them as one. A
+replay reads and writes the memory it was recorded with, so a recorded step runs on a static state
+(fixed-size caches, its position in a tensor: `TransformerDecoder.start(capacity=...)`), and each
+decoding call copies its images' keys/values and its tokens into that memory.
+
+`StepGraphs` keeps a model's recorded steps, one per shape, and reuses them from call to call. On the
+CPU nothing is recorded: the same static states run eagerly, which is how the tests hold this path to the
+growing-cache one, token for token.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from captioner.models.decoder import DecoderState, TransformerDecoder
+
+WARMUP_STEPS = 2  # steps run before recording, on a side stream: cuBLAS and friends set up lazily
+KEPT = 4  # recorded shapes kept per model; each holds its caches and the images' keys/values
+
+
+class Stepper:
+    """One decoding call's steps: `step(tokens)` -> (logits (rows, V), cross weights | None); `reorder(index)`.
+
+    With growing caches it is `decoder.step` on a fresh state. With a static state it copies the tokens
+    into the state's own buffer and runs the step eagerly or replays its graph; the logits it returns then
+    live in that memory too, so read them before the next step.
+    """
+
+    def __init__(self, decoder: TransformerDecoder, state: DecoderState, *, tokens: torch.Tensor | None = None,
+                 graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None) -> None:
+        self.decoder, self.state = decoder, state
+        self.tokens = tokens  # static states: the step's input buffer (rows,)
+        self.graph, self.logits = graph, logits  # the recorded step and the memory it writes its logits to
+
+    def step(self, tokens: torch.Tensor, *,
+             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.tokens is None:
+            return self.decoder.step(tokens, self.state, need_weights=need_weights)
+        assert not need_weights, "static steps return no attention weights: decode with growing caches"
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            return self.decoder.step(self.tokens, self.state)
+        self.graph.replay()  # advances state.index on the device; the Python-side count follows here
+        self.state.position += 1
+        return self.logits, None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Continue row r from row index[r] (beam search's pruning)."""
+        self.state.reorder(index)
+
+
+class StepGraphs:
+    """A model's static decoding states (and, on CUDA, their recorded steps), reused across calls of one shape.
+
+    A recording reads the decoder's weights and position table where they lie, so the key holds their
+    addresses: weights updated in place (an optimiser step) are read as they are, and weights moved or
+    replaced (`.to(dtype)`, a new table) get a new recording. A copy of the model starts with none.
+    """
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple, Stepper] = OrderedDict()
+
+    def __deepcopy__(self, memo: dict) -> StepGraphs:
+        return StepGraphs()  # recordings point at the original's memory
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+    def stepper(self, decoder: TransformerDecoder, memory: torch.Tensor, *, per_image: int, capacity: int,
+                record: bool) -> Stepper:
+        """A static stepper for memory (B, N, D) at position 0, recorded as a CUDA graph when `record`."""
+        key = _key(decoder, memory, per_image, capacity, record)
+        kept = self._kept.get(key)
+        if kept is None:
+            kept = _new(decoder, memory, per_image, capacity, record)
+            self._kept[key] = kept
+            while len(self._kept) > KEPT:
+                self._kept.popitem(last=False)
+        else:
+            self._kept.move_to_end(key)
+            decoder.restart(kept.state, memory)
+        return kept
+
+
+def _key(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool) -> tuple:
+    autocast = (torch.is_autocast_enabled(memory.device.type), torch.get_autocast_dtype(memory.device.type)) \
+        if memory.device.type in ("cuda", "cpu") else None
+    addresses = tuple(p.data_ptr() for p in decoder.parameters())
+    return (tuple(memory.shape), memory.dtype, memory.device, per_image, capacity, record, autocast,
+            addresses, decoder.position_table(capacity, memory).data_ptr())
+
+
+def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int,
+         record: bool) -> Stepper:
+    state = decoder.start(memory, per_image=per_image, capacity=capacity)
+    tokens = torch.zeros(state.batch_size, dtype=torch.long, device=memory.device)
+    if not record:
+        return Stepper(decoder, state, tokens=tokens)
+    try:
+        graph, logits = _record(decoder, state, tokens)
+    except RuntimeError as e:  # an op this torch or driver cannot record: the same step, launched op by op
+        warnings.warn(f"decoding without a CUDA graph: recording the step failed ({e})", stacklevel=3)
+        graph = logits = None
+    decoder.restart(state, memory)  # the warm-up steps wrote into the caches and moved the position
+    return Stepper(decoder, state, tokens=tokens, graph=graph, logits=logits)
+
+
+def _record(decoder: TransformerDecoder, state: DecoderState,
+            tokens: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Record one step of `state` on `tokens` (the buffer later steps copy into); returns the graph and its logits."""
+    side = torch.cuda.Stream(device=tokens.device)
+    side.wait_stream(torch.cuda.current_stream(tokens.device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            decoder.step(tokens, state)
+            state.index.zero_()  # stay inside the capacity, however small
+    torch.cuda.current_stream(tokens.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, _ = decoder.step(tokens, state)
+    return graph, logits

@@ -1,0 +1,186 @@
+"""Fixed-size caches (the CUDA-graph decoding path) give the captions of the growing caches, token for token.
+
+On the CPU the static states run eagerly; the recording itself is stood in for by a fake graph that
+replays the step on the same buffers, so everything around `torch.cuda.CUDAGraph` is exercised here.
+The one test that records a real graph needs a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from captioner.decoding import SearchOptions, beam_search, greedy, sample
+from captioner.models import graphs
+from captioner.models.captioner import CaptionModel
+
+from .conftest import tiny_model_config
+
+OPTS = SearchOptions(bos_id=1, eos_id=12, max_len=12, pad_id=0, unk_id=3)
+
+
+def _model(encoder: str = "cnn", seed: int = 0) -> CaptionModel:
+    """A random model with wide weights (all but the embedding): its captions differ from image to image."""
+    torch.manual_seed(seed)
+    model = CaptionModel(tiny_model_config(encoder, vocab_size=24, n_layers=2)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                p.normal_(0, 3 / p[0].numel() ** 0.5)
+    return model
+
+
+def _images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 48, 48, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(a: list, b: list) -> None:
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=2e-5)
+
+
+def test_the_random_model_ends_captions_at_different_lengths() -> None:
+    lengths = {len(h.tokens) for h in greedy(_model(), _images(8), OPTS, static=False)}
+    assert len(lengths) > 2, f"the tests below need captions of several lengths, got {lengths}"
+
+
+@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_static_greedy_and_beam_equal_growing(encoder: str, batch: int) -> None:
+    model, images = _model(encoder), _images(batch)
+    _same(greedy(model, images, OPTS, static=True), greedy(model, images, OPTS, static=False))
+    for beam in (1, 3):
+        _same(beam_search(model, images, OPTS, beam=beam, static=True),
+              beam_search(model, images, OPTS, beam=beam, static=False))
+
+
+def test_static_sampling_equals_growing() -> None:
+    model, images = _model(), _images(3)
+    draws = [sample(model, images, OPTS, n=2, static=static, generator=torch.Generator().manual_seed(7))
+             for static in (True, False)]
+    assert [[h.tokens for h in row] for row in draws[0]] == [[h.tokens for h in row] for row in draws[1]]
+
+
+def test_a_kept_state_restarts_for_new_images_and_is_reused() -> None:
+    model = _model()
+    first, second = _images(4, seed=1), _images(4, seed=2)
+    greedy(model, first, OPTS, static=True)
+    kept = list(model.step_graphs._kept.values())
+    again = greedy(model, second, OPTS, static=True)  # the same shape: the same buffers, new images
+    assert list(model.step_graphs._kept.values()) == kept
+    _same(again, greedy(model, second, OPTS, static=False))
+    beam_search(model, second, OPTS, beam=3, static=True)  # another shape (12 rows): a second state
+    assert len(model.step_graphs._kept) == 2
+
+
+def test_reorder_keeps_the_caches_where_they_are() -> None:
+    model = _model()
+    steps = model.begin(model.encode(_images(2)).memory, per_image=3, static_len=5)
+    steps.step(torch.tensor([1, 4, 5, 6, 7, 8]))
+    before = [(c.k.data_ptr(), c.v.data_ptr()) for c in steps.state.self_caches]
+    keys = steps.state.self_caches[0].k.clone()
+    steps.reorder(torch.tensor([2, 2, 0, 3, 5, 4]))
+    assert [(c.k.data_ptr(), c.v.data_ptr()) for c in steps.state.self_caches] == before
+    assert torch.equal(steps.state.self_caches[0].k, keys[[2, 2, 0, 3, 5, 4]])
+    with pytest.raises(AssertionError, match="own image"):
+        steps.reorder(torch.tensor([3, 1, 2, 0, 4, 5]))  # row 0 would continue a beam of image 1
+
+
+def test_weights_changed_in_place_are_read_and_replaced_weights_get_a_new_state() -> None:
+    model, images = _model(), _images(3)
+    greedy(model, images, OPTS, static=True)
+    with torch.no_grad():  # an optimiser step: the same tensors, new values
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _same(greedy(model, images, OPTS, static=True), greedy(model, images, OPTS, static=False))
+    assert len(model.step_graphs._kept) == 1
+    model.decoder.to(torch.float64)  # new tensors: a state recorded on the old ones must not be replayed
+    model.encoder.to(torch.float64)
+    _same(greedy(model, images.double(), OPTS, static=True), greedy(model, images.double(), OPTS, static=False))
+    assert len(model.step_graphs._kept) == 2
+
+
+def test_auto_is_growing_on_the_cpu_and_weights_need_growing_caches() -> None:
+    model, images = _model(), _images(2)
+    greedy(model, images, OPTS)
+    greedy(model, images, OPTS, static=True, need_weights=True)
+    assert not model.step_graphs._kept
+    assert greedy(model, images, OPTS, static=True, need_weights=True)[0].cross is not None
+
+
+def test_capacity_one() -> None:
+    model, images = _model(), _images(3)
+    opts = SearchOptions(bos_id=1, eos_id=2, max_len=1)
+    _same(greedy(model, images, opts, static=True), greedy(model, images, opts, static=False))
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: `replay` runs the step on the recorded buffers."""
+
+    def __init__(self, decoder, state, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        self.decoder, self.state, self.tokens, self.out, self.replays = decoder, state, tokens, out, 0
+
+    def replay(self) -> None:
+        logits, _ = self.decoder.step(self.tokens, self.state)
+        self.out.copy_(logits)
+        self.replays += 1
+
+
+def _fake_record(decoder, state, tokens):
+    for _ in range(graphs.WARMUP_STEPS):  # as _record does: steps that leave data in the caches
+        decoder.step(tokens, state)
+        state.index.zero_()
+    logits, _ = decoder.step(tokens, state)  # a real recording runs nothing; this one leaves traces
+    out = logits.clone()
+    return FakeGraph(decoder, state, tokens, out), out
+
+
+def test_recorded_steps_replay_into_the_same_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graphs, "_record", _fake_record)
+    model, images = _model(), _images(4)
+    steps = graphs.StepGraphs()
+    memory = model.encode(images).memory
+    stepper = steps.stepper(model.decoder, memory, per_image=1, capacity=OPTS.max_len, record=True)
+    assert isinstance(stepper.graph, FakeGraph) and stepper.state.position == 0 and int(stepper.state.index) == 0
+    model.step_graphs = steps
+    growing = model.begin
+
+    def begin(memory: torch.Tensor, per_image: int = 1, static_len: int | None = None):  # recording on the CPU
+        if static_len is None:
+            return growing(memory, per_image=per_image)
+        return steps.stepper(model.decoder, memory, per_image=per_image, capacity=static_len, record=True)
+
+    monkeypatch.setattr(model, "begin", begin)
+    for seed in (1, 2):  # the second call replays the kept recording for other images
+        images = _images(4, seed=seed)
+        _same(greedy(model, images, OPTS, static=True), greedy(model, images, OPTS, static=False))
+        _same(beam_search(model, images, OPTS, beam=2, static=True),
+              beam_search(model, images, OPTS, beam=2, static=False))
+    assert stepper.graph.replays > 0
+
+
+def test_a_failed_recording_decodes_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_record", refuse)
+    model, images = _model(), _images(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stepper = model.step_graphs.stepper(model.decoder, model.encode(images).memory, per_image=1,
+                                            capacity=OPTS.max_len, record=True)
+    assert stepper.graph is None and "without a CUDA graph" in str(caught[0].message)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_captions_equal_growing_caches() -> None:
+    model = _model().cuda()
+    for batch in (1, 4):
+        images = _images(batch).cuda()
+        for _ in range(2):  # recorded, then replayed from the kept recording
+            _same(greedy(model, images, OPTS), greedy(model, images, OPTS, static=False))
+            _same(beam_search(model, images, OPTS, beam=3), beam_search(model, images, OPTS, beam=3, static=False))
+    assert all(s.graph is not None for s in model.step_graphs._kept.values())
