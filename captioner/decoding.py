@@ -356,6 +356,9 @@ class DecodeSettings:
     top_p: float = 1.0
     seed: int = 0
     n_best: int = 1  # captions kept per image (beam search only): the best, then its runners-up
+    # On a GPU, replay each decoding step from a CUDA graph (fixed-size caches; the same captions). Off: the
+    # step's kernels launched one by one, a way out should a driver refuse the recording.
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.beam <= 64:
@@ -386,16 +389,17 @@ def decode_batch(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor,
     """The one place that turns settings into a search: sampling, greedy, or beam search over images (B, 3, S, S)."""
     settings = settings or DecodeSettings()
     opts = search_options(vocab, settings.max_len)
+    static = None if settings.cuda_graph else False  # None: static (and graphed) on a GPU
     if settings.sample:
         g = torch.Generator(device=images.device).manual_seed(settings.seed)
         hyps = [h[0] for h in sample(model, images, opts, temperature=settings.temperature, top_k=settings.top_k,
-                                     top_p=settings.top_p, generator=g)]
+                                     top_p=settings.top_p, generator=g, static=static)]
     elif settings.beam == 1 and settings.no_repeat_ngram == 0:
-        hyps = greedy(model, images, opts, need_weights=need_weights)
+        hyps = greedy(model, images, opts, need_weights=need_weights, static=static)
     else:
         hyps = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
                            no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights,
-                           n_best=settings.n_best)
+                           n_best=settings.n_best, static=static)
     return [_caption(vocab, h) for h in hyps]
 
 

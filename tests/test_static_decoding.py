@@ -184,3 +184,19 @@ def test_cuda_graph_captions_equal_growing_caches() -> None:
             _same(greedy(model, images, OPTS), greedy(model, images, OPTS, static=False))
             _same(beam_search(model, images, OPTS, beam=3), beam_search(model, images, OPTS, beam=3, static=False))
     assert all(s.graph is not None for s in model.step_graphs._kept.values())
+
+
+@pytest.mark.parametrize(("cuda_graph", "static"), [(True, None), (False, False)])
+def test_decode_settings_choose_the_graph(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool,
+                                          static: bool | None) -> None:
+    from captioner import decoding
+    from captioner.data.vocab import Vocabulary
+
+    asked = []
+    for name in ("greedy", "beam_search", "sample"):
+        monkeypatch.setattr(decoding, name, lambda *a, _name=name, **kw: asked.append((_name, kw["static"])) or [])
+    vocab = Vocabulary.build(["a cat"], min_count=1)
+    for beam, sampled in ((1, False), (3, False), (1, True)):
+        settings = decoding.DecodeSettings(beam=beam, sample=sampled, cuda_graph=cuda_graph)
+        decoding.decode_batch(_model(), vocab, _images(1), settings)
+    assert asked == [("greedy", static), ("beam_search", static), ("sample", static)]
