@@ -58,9 +58,21 @@ start=$($py -c "import time; print(time.time())")
 captioner caption "$out/photos/images" --model "$out/train-bf16" --device cuda --out "$out/captions.jsonl" \
   --overwrite >/dev/null
 caption_s=$($py -c "import time; print(round(time.time() - $start, 2))")
-echo "   512 images captioned in ${caption_s} s (start-up included)"
+echo "   512 images captioned in ${caption_s} s (start-up included; decoding steps replayed from CUDA graphs)"
+start=$($py -c "import time; print(time.time())")
+captioner caption "$out/photos/images" --model "$out/train-bf16" --device cuda --out "$out/captions-eager.jsonl" \
+  --overwrite --no-cuda-graph >/dev/null
+eager_s=$($py -c "import time; print(round(time.time() - $start, 2))")
+same=$($py - "$out/captions.jsonl" "$out/captions-eager.jsonl" <<'EOF'
+import json, sys
+texts = [{r["image"]: r["caption"] for r in map(json.loads, open(f)) if "caption" in r} for f in sys.argv[1:]]
+print("true" if texts[0] == texts[1] and texts[0] else "false")
+EOF
+)
+echo "   again without CUDA graphs: ${eager_s} s; the same captions: $same"
+[ "$same" = true ] || { echo "FAILED: captions differ with and without CUDA graphs"; exit 1; }
 captioner evaluate --model "$out/train-bf16" --device cuda --no-java --json > "$out/evaluate.json"
 echo "   evaluate: $(cat "$out/evaluate.json" | head -c 300)"
-results+="\"caption_512_s\": $caption_s, \"evaluate\": $(cat "$out/evaluate.json")}"
+results+="\"caption_512_s\": $caption_s, \"caption_512_no_graph_s\": $eager_s, \"evaluate\": $(cat "$out/evaluate.json")}"
 echo "$results" > "$out/gpu_check.json"
 echo "== wrote $out/gpu_check.json"

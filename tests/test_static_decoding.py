@@ -200,3 +200,25 @@ def test_decode_settings_choose_the_graph(monkeypatch: pytest.MonkeyPatch, cuda_
         settings = decoding.DecodeSettings(beam=beam, sample=sampled, cuda_graph=cuda_graph)
         decoding.decode_batch(_model(), vocab, _images(1), settings)
     assert asked == [("greedy", static), ("beam_search", static), ("sample", static)]
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-cuda-graph"], False)])
+def test_caption_and_evaluate_take_no_cuda_graph(monkeypatch: pytest.MonkeyPatch, flag: list[str],
+                                                 expected: bool) -> None:
+    from typer.testing import CliRunner
+
+    from captioner import bulk, evaluation
+    from captioner.cli import app
+
+    seen = []
+
+    def stop(*args, settings, **kwargs):
+        seen.append(settings.cuda_graph)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bulk, "caption_many", lambda patterns, settings, **kw: stop(settings=settings))
+    monkeypatch.setattr(evaluation, "run_evaluate", stop)
+    for command in (["caption", "photo.jpg"], ["evaluate"]):
+        result = CliRunner().invoke(app, [*command, *flag])
+        assert result.exit_code == 0, result.output
+    assert seen == [expected, expected]
