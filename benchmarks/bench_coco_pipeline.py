@@ -300,6 +300,13 @@ training.check_images = timed("scan images", training.check_images)
 training.Vocabulary.build = timed("vocabulary", training.Vocabulary.build)
 training.train_transform = timed("transform", training.train_transform)
 training.CaptionDataset.__init__ = timed("dataset", training.CaptionDataset.__init__)
+training.CaptionModel.__init__ = timed("model", training.CaptionModel.__init__)
+training.make_optimizer = timed("optimizer", training.make_optimizer)  # the first one imports torch._dynamo
+step = training.cross_entropy_step
+
+def first_step(run, group):
+    marks.setdefault("batch in", time.time())  # the loader's worker started and the first batch collated
+    return step(run, group)
 
 def on_event(kind, data):
     if kind == "start":
@@ -307,15 +314,16 @@ def on_event(kind, data):
     elif kind == "step":
         now = time.time()
         print(json.dumps({"python start": entered - launched, "imports": imported - entered,
-                          **{k: v for k, v in marks.items() if k != "start"},
-                          "prepare": prepared - imported, "first step": now - marks["start"],
-                          "total": now - launched, "load": os.getloadavg()[0]}), flush=True)
+                          **{k: v for k, v in marks.items() if k not in ("start", "batch in")},
+                          "prepare": prepared - imported, "first batch": marks["batch in"] - marks["start"],
+                          "first step": now - marks["start"], "total": now - launched,
+                          "load": os.getloadavg()[0]}), flush=True)
         os._exit(0)
 
 run = training.prepare(TrainConfig(data=sys.argv[2], max_steps=2, device="cpu"), sys.argv[3], on_event=on_event)
 prepared = time.time()
 run.log_every = 1
-training.fit(run)
+training.fit(run, first_step)
 """
 
 
@@ -563,9 +571,10 @@ def _report_scan(scan: dict) -> None:
 
 
 def _report_start(start: dict, n: int) -> None:
-    print(f"\nstart to first step ({n} images), s (prepare includes the five before it; load: 1-min average):")
+    print(f"\nstart to first step ({n} images), s (prepare includes the seven before it, the first step the first "
+          "batch; load: 1-min average):")
     phases = ["python start", "imports", "read annotations", "scan images", "vocabulary", "transform", "dataset",
-              "prepare", "first step", "total", "load"]
+              "model", "optimizer", "prepare", "first batch", "first step", "total", "load"]
     print("  " + " ".join(f"{p[:10]:>10s}" for p in ["", *phases]))
     runs = [("cold", start["cold"])] if "cold" in start else []
     for name, s in [*runs, *((f"warm {i + 1}", s) for i, s in enumerate(start["warm"]))]:

@@ -197,3 +197,70 @@ def test_progress_counts_up_to_every_file(tmp_path: Path, warm: bool) -> None:
     scan_images(files, cache=tmp_path / "cache", on_progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (len(files), len(files))
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+# ----------------------------------------------------------------------------- the warm check's fast routes
+
+
+def test_a_file_gone_or_unreadable_is_checked_whatever_its_entry_says(tmp_path: Path, counted: list[str]) -> None:
+    """A file that cannot be stat-ed takes the per-file route, even where a malformed entry holds null."""
+    folder = tmp_path / "images"
+    files = [write_image(folder / f"{i}.png", i) for i in range(4)]
+    cache = tmp_path / "cache"
+    scan_images(files, cache=cache)
+    file = cache_path(str(folder), cache)
+    data = json.loads(file.read_text())
+    data["ok"]["1.png"] = None  # what a missing file's stat was once written as
+    file.write_text(json.dumps(data))
+    files[1].unlink()
+    counted.clear()
+    reasons = scan_images(files, cache=cache)
+    assert counted == ["1.png"] and reasons[1] == "file not found" and reasons.count(None) == 3
+
+
+def test_every_changed_file_of_a_large_folder_is_found(tmp_path: Path, counted: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stats compared in bulk, over several stat tasks: the changed files, and only they, are checked."""
+    monkeypatch.setattr(scan, "STAT_CHUNK", 4)
+    folder = tmp_path / "images"
+    files = [write_image(folder / f"{i:02d}.png", i) for i in range(11)]
+    cache = tmp_path / "cache"
+    scan_images(files, cache=cache)
+    for i in (2, 7, 10):  # in the first, second and last task
+        Image.new("RGB", (5, 5)).save(files[i])
+        dated(files[i], HOUR_AGO + i)
+    counted.clear()
+    assert scan_images(files, cache=cache) == [None] * 11
+    assert counted == ["02.png", "07.png", "10.png"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_scan_leaves_the_collector_as_it_found_it(tmp_path: Path, enabled: bool) -> None:
+    import gc
+
+    files = [write_image(tmp_path / "images" / "a.png")]
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        scan_images(files, cache=tmp_path / "cache")
+        scan_images(files, cache=tmp_path / "cache")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_check_images_reports_each_file_once_by_its_first_path(tmp_path: Path) -> None:
+    """Repeated paths (equal Paths, other objects) are scanned once; the first one is the Path reported."""
+    folder = tmp_path / "images"
+    good = write_image(folder / "a.png")
+    garbage = folder / "b.png"
+    garbage.write_text("not an image")
+    dated(garbage)
+    first, again = Path(str(garbage)), Path(str(garbage))
+    samples = [Sample("1", ["x"], "train", path=first), Sample("2", ["x"], "train", path=good),
+               Sample("3", ["x"], "val", path=again), Sample("4", ["x"], "test", path=Path(str(good)))]
+    count, bad = check_images(samples, cache=tmp_path / "cache")
+    assert count == 1 and bad == [(garbage, check_image(garbage))] and bad[0][0] is first
+    # Paths of other types (here str) take the general route, with the same answer
+    samples = [Sample(s.image_id, s.captions, s.split, path=str(s.path)) for s in samples]
+    assert check_images(samples, cache=tmp_path / "cache") == (1, [(str(garbage), check_image(garbage))])

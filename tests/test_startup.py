@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import os
 import pickle
 import random
 import time
 from collections import Counter
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PosixPath
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from captioner.data import sources
 from captioner.data import vocab as vocab_module
 from captioner.data.dataset import CaptionDataset
 from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocess, TrainTransform
-from captioner.data.sources import load_samples
+from captioner.data.sources import Sample, check_images, load_samples
 from captioner.data.vocab import Caption, Vocabulary, tokenize, tokens_of
 from captioner.errors import DataError
 
@@ -265,3 +268,163 @@ def test_fresh_or_small_files_are_not_cached(tmp_path: Path, tmp_path_factory: p
     _age(tmp_path / "images")
     load_samples(annotations, cache=cache)
     assert len(list(cache.iterdir())) == 1
+
+
+def test_a_cache_file_with_malformed_columns_is_ignored(cached_coco: tuple[Path, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations, cache = cached_coco
+    expected = _summary(load_samples(annotations, cache=cache))
+    (file,) = cache.iterdir()
+    good = json.loads(file.read_text())
+    n = len(good["counts"])
+    broken = [{**good, "paths": [1] * n}, {**good, "ids": [None] * n},
+              {**good, "counts": [good["counts"][0] + 1, -1, *good["counts"][2:]]},
+              {**good, "counts": [float(c) for c in good["counts"]]}, {**good, "normals": good["normals"][:-1] + [3]}]
+    calls = _readers_counted(monkeypatch)
+    for content in broken:
+        file.write_text(json.dumps(content))
+        calls.clear()
+        assert _summary(load_samples(annotations, cache=cache)) == expected and calls == [annotations]
+
+
+# ----------------------------------------------------------------------------- a cached sample's path
+
+
+def test_a_cached_sample_builds_its_path_when_first_read(cached_coco: tuple[Path, Path]) -> None:
+    annotations, cache = cached_coco
+    read = load_samples(annotations, cache=cache)
+    cached = load_samples(annotations, cache=cache)
+    assert all(type(vars(s)["path"]) is not PosixPath for s in cached)  # text until read
+    assert check_images(cached) == check_images(read) == (3, [])
+    assert all(type(vars(s)["path"]) is not PosixPath for s in cached)  # the scan reads the text
+    thawed = pickle.loads(pickle.dumps(cached[2]))  # as a spawned loader worker receives it, path unread
+    assert type(thawed.path) is PosixPath and thawed == read[2]
+    path = cached[0].path
+    assert type(path) is PosixPath and path == read[0].path and cached[0].path is path
+    assert cached == read and repr(cached) == repr(read) and cached[1].path is not None
+    assert dataclasses.replace(cached[2], split="val").path == read[2].path
+    assert dataclasses.asdict(cached[2])["path"] == read[2].path
+    cached[0].path = None
+    assert cached[0].path is None
+    assert Sample("x", [], "train", path="a.jpg").path == "a.jpg"  # a str set is kept as it is
+    assert Sample("x", [], "train").path is None and Sample.path is None
+    assert [f.default for f in dataclasses.fields(Sample) if f.name == "path"] == [None]
+
+
+# ----------------------------------------------------------------------------- the collector
+
+
+@pytest.fixture
+def thawed_after() -> Iterator[None]:
+    yield
+    gc.unfreeze()  # what a test froze goes back to the collector's oldest generation
+
+
+def test_a_large_data_set_is_frozen_out_of_the_collector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         thawed_after: None) -> None:
+    annotations = _coco(tmp_path)  # 3 images
+    monkeypatch.setattr(sources, "FREEZE_MIN_SAMPLES", 4)
+    before = gc.get_freeze_count()
+    small = load_samples(annotations, cache=False)
+    assert gc.get_freeze_count() == before and any(o is small[0] for o in gc.get_objects())
+    monkeypatch.setattr(sources, "FREEZE_MIN_SAMPLES", 3)
+    large = load_samples(annotations, cache=False)
+    assert gc.get_freeze_count() > before and gc.isenabled()
+    assert not any(o is large[0] or o is large[0].captions for o in gc.get_objects())  # no collection walks them
+    assert _summary(large) == _summary(small)
+
+
+# ----------------------------------------------------------------------------- remembered word counts
+
+
+@pytest.fixture
+def counts_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder for remembered counts; the size threshold lowered so a few captions count as many."""
+    monkeypatch.setattr(vocab_module, "COUNTS_MIN_CAPTIONS", 1)
+    return tmp_path / "counts"
+
+
+def _many_captions(n: int = 60, seed: int = 0) -> list[Caption]:
+    rng = random.Random(seed)
+    words = ["A", "red", "bus,", "dog's", "Caf\u00e9", "two:", "x1", "the", "the", "the", "a"]
+    return [Caption.of(" ".join(rng.choice(words) for _ in range(rng.randint(0, 9)))) for _ in range(n)]
+
+
+def _counted_build(captions: list, cache: Path, **kwargs: object) -> Vocabulary:
+    built = Vocabulary.build(captions, cache=cache, **kwargs)
+    assert built.itos == Vocabulary.build(captions, cache=False, **kwargs).itos
+    return built
+
+
+def test_word_counts_are_remembered_and_used(counts_cache: Path) -> None:
+    captions = _many_captions()
+    vocab = _counted_build(captions, counts_cache, min_count=2)
+    (file,) = counts_cache.iterdir()
+    assert json.loads(file.read_text())["counts"] == dict(Counter(t for c in captions for t in tokenize(c)))
+    assert Vocabulary.build(captions, min_count=2, cache=counts_cache).itos == vocab.itos
+    assert vocab_module.count_tokens(list(captions), cache=counts_cache) == Counter(
+        t for c in captions for t in tokenize(c))
+    data = json.loads(file.read_text())  # the file is what the next build reads: doctor it and see
+    data["counts"]["x1"] = 10_000
+    file.write_text(json.dumps(data))
+    assert Vocabulary.build(captions, min_count=2, cache=counts_cache).itos[4] == "x1"
+
+
+def test_other_captions_are_counted_again(counts_cache: Path) -> None:
+    captions = _many_captions()
+    _counted_build(captions, counts_cache)
+    changed = list(captions)
+    changed[5] = Caption.of("a zebra")  # another caption
+    fewer = captions[:-1]  # one image skipped
+    retokenised = list(captions)
+    retokenised[7] = Caption.of(str(captions[7]), "other tokens")  # the same text, other tokens
+    for other in (changed, fewer, retokenised, list(reversed(captions))):
+        _counted_build(other, counts_cache)
+    assert "zebra" in Vocabulary.build(changed, cache=counts_cache) and "other" in Vocabulary.build(
+        retokenised, cache=counts_cache)
+    assert len(list(counts_cache.iterdir())) == 5
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", "[]", json.dumps({"version": 0, "captions": 60, "counts": {"the": 5}}),
+    json.dumps({"version": vocab_module.COUNTS_VERSION, "captions": 59, "counts": {"the": 5}}),
+    json.dumps({"version": vocab_module.COUNTS_VERSION, "captions": 60, "counts": ["the"]}),
+    json.dumps({"version": vocab_module.COUNTS_VERSION, "captions": 60, "counts": {"the": "5"}}),
+    json.dumps({"version": vocab_module.COUNTS_VERSION, "captions": 60, "counts": {"the": 0}}),
+], ids=["not JSON", "a list", "another version", "another number of captions", "counts a list", "a count text",
+        "a count zero"])
+def test_a_broken_counts_file_is_ignored_and_replaced(counts_cache: Path, content: str) -> None:
+    captions = _many_captions()
+    _counted_build(captions, counts_cache)
+    (file,) = counts_cache.iterdir()
+    good = file.read_text()
+    file.write_text(content)
+    _counted_build(captions, counts_cache)
+    assert file.read_text() == good
+
+
+def test_only_many_captions_with_their_tokens_have_counts_remembered(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    captions = _many_captions()
+    monkeypatch.setattr(vocab_module, "COUNTS_MIN_CAPTIONS", len(captions) + 1)
+    _counted_build(captions, tmp_path / "few")  # too few
+    monkeypatch.setattr(vocab_module, "COUNTS_MIN_CAPTIONS", 1)
+    _counted_build([str(c) for c in captions], tmp_path / "texts")  # tokens not known
+    _counted_build([*captions[:-1], str(captions[-1])], tmp_path / "mixed")
+    assert not any((tmp_path / name).exists() for name in ("few", "texts", "mixed"))
+    Vocabulary.build(iter(captions), cache=tmp_path / "generator")  # any iterable of Captions
+    assert len(list((tmp_path / "generator").iterdir())) == 1
+
+
+def test_the_counts_live_under_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vocab_module, "COUNTS_MIN_CAPTIONS", 1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    Vocabulary.build(_many_captions())
+    assert len(list((tmp_path / "xdg" / "captioner" / "vocab").iterdir())) == 1
+
+
+def test_captions_made_many_at_once_are_made_one_by_one() -> None:
+    texts = ["A man's dog, running: FAST!", "Caf\u00e9 au lait", ""]
+    many = Caption.many(texts, ["x y", "", "z"])
+    assert many == texts and [c.normal for c in many] == ["x y", "", "z"]
+    assert all(type(c) is Caption for c in many)

@@ -29,17 +29,18 @@ import statistics
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
+from itertools import accumulate
+from pathlib import Path, PosixPath
 from typing import Any
 
 from PIL import Image
 
 from captioner.config import FORMATS, SPLITS
 from captioner.data.images import load_image
-from captioner.data.scan import Progress, default_cache_dir, replace_json, scan_images
+from captioner.data.scan import Progress, default_cache_dir, gc_paused, replace_json, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
 from captioner.data.vocab import Caption, Vocabulary, tokenize
 from captioner.errors import DataError
@@ -53,6 +54,12 @@ SAMPLES_VERSION = 1
 SAMPLES_CHECKER = f"load_samples {SAMPLES_VERSION}, Unicode {unicodedata.unidata_version}"
 CACHE_MIN_BYTES = 1 << 20  # smaller annotation files read in a fraction of a second: no cache file for them
 RECENT_NS = 2_000_000_000  # a file changed this close to the read may change again within its mtime tick
+# A data set this large (COCO: 118k images, ~1.2M objects with their captions and paths) lives as long as the
+# process: once read, everything alive is moved to the collector's permanent generation (gc.freeze), so the
+# collections that later allocations start (the scan, imports, training) no longer walk it; at COCO's size
+# the first full ones took ~1.3 s of a warm start. Frozen objects are still freed when nothing refers to them;
+# only a reference cycle among them would outlive its use, and samples form none.
+FREEZE_MIN_SAMPLES = 10_000
 
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test"}
@@ -62,6 +69,32 @@ _JSON_FORMATS = ("auto", "coco", "karpathy", "jsonl")  # those that read a .json
 _IMAGE_DIR_NAMES = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "imgs")
 
 
+class _PathText(str):
+    """A sample's path as text, as the samples cache holds it (str(Path)): its Path is built when first read."""
+
+    __slots__ = ()
+
+
+class _LazyPath:
+    """Sample.path: what was set, except that a _PathText becomes its Path when first read (and stays one).
+
+    Building COCO's 118k Paths and then their text again for the scan took ~0.6 s of a warm start; a cached
+    sample's Path is built when something reads it: one per image the loader opens, all of them only if a
+    caller asks. The scan reads the text (`_stored_path`).
+    """
+
+    def __get__(self, sample: Sample | None, owner: type | None = None) -> Path | None:
+        if sample is None:
+            return None  # the field's default (dataclasses reads it from the class)
+        path = sample.__dict__.get("path")  # absent only in an instance made without __init__: the default
+        if type(path) is _PathText:
+            path = sample.__dict__["path"] = Path(path)
+        return path
+
+    def __set__(self, sample: Sample, value: Path | None) -> None:
+        sample.__dict__["path"] = value
+
+
 @dataclass
 class Sample:
     """One image with its reference captions: a file (`path`) or a scene of the synthetic world (`scene`)."""
@@ -69,8 +102,14 @@ class Sample:
     image_id: str
     captions: list[str]
     split: str
-    path: Path | None = None
+    path: Path | None = _LazyPath()  # type: ignore[assignment]  # a Path (or None) whenever it is read
     scene: Scene | None = None
+
+
+def _stored_path(sample: Sample) -> Path | str | None:
+    """sample.path as stored: the text of a cached sample whose Path was not built yet, else sample.path."""
+    stored = getattr(sample, "__dict__", {}).get("path", None)
+    return stored if type(stored) is _PathText else sample.path
 
 
 class SampleList(list):
@@ -137,24 +176,12 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
         raise DataError(f"{image_dir}: images folder not found")
     with gc_paused():
         if cache is False:
-            return _read_file(path, image_dir, format)
-        return _remembered(path, image_dir, format, samples_cache_dir() if cache is True else Path(cache))
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused while a data set's millions of objects are built.
-
-    They form no reference cycles, but every few thousand new objects start a collection, and the full
-    ones walk every object alive: seconds at COCO's size (benchmarks/NOTES.md, "Warm start at COCO scale").
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+            samples = _read_file(path, image_dir, format)
+        else:
+            samples = _remembered(path, image_dir, format, samples_cache_dir() if cache is True else Path(cache))
+        if len(samples) >= FREEZE_MIN_SAMPLES:
+            gc.freeze()  # see FREEZE_MIN_SAMPLES
+    return samples
 
 
 def _read_file(path: Path, image_dir: Path | None, format: str) -> SampleList:
@@ -258,16 +285,14 @@ def _unpack(data: dict[str, Any]) -> SampleList:
     texts, normals = data["captions"], data["normals"]
     if not ids or not len(ids) == len(paths) == len(splits) == len(counts) \
             or not len(texts) == len(normals) == sum(counts) or not set(splits) <= set(SPLITS) \
-            or not all(isinstance(t, str) for column in (ids, texts, normals) for t in column):
+            or not all(set(map(type, column)) <= {str} for column in (ids, paths, texts, normals)) \
+            or not set(map(type, counts)) <= {int} or min(counts) < 0:
         raise ValueError("inconsistent samples cache")
-    captions = list(map(Caption.of, texts, normals))
-    out = SampleList(source=data["source"], format=data["format"], notes=data["notes"],
-                     has_splits=data["has_splits"])
-    start = 0
-    for image_id, path, split, n in zip(ids, paths, splits, counts, strict=True):
-        out.append(Sample(image_id, captions[start:start + n], split, Path(path)))
-        start += n
-    return out
+    captions = Caption.many(texts, normals)
+    ends = list(accumulate(counts))
+    groups = list(map(captions.__getitem__, map(slice, [0, *ends[:-1]], ends)))
+    return SampleList(map(Sample, ids, groups, splits, map(_PathText, paths)), source=data["source"],
+                      format=data["format"], notes=data["notes"], has_splits=data["has_splits"])
 
 
 def _write_samples_cache(file: Path, stamp: dict[str, Any], samples: SampleList) -> None:
@@ -719,6 +744,21 @@ def check_images(samples: Sequence[Sample], *, workers: int = 16, cache: bool | 
     Files found usable by an earlier scan and unchanged since are not opened again (`scan.scan_images`:
     cache True for the user's cache directory, a folder, or False); on_progress(done, total) as it goes.
     """
+    stored = list(map(_stored_path, samples))
+    found = [p for p in stored if p is not None]
+    if set(map(type, found)) <= {PosixPath, _PathText}:
+        # Equal PosixPaths are those with equal text, so repeats are dropped by text, which the scan needs anyway
+        # (hashing a Path costs as much as its text again); a file's first Path is the one reported.
+        rendered = sum(1 for s, p in zip(samples, stored, strict=True) if p is None and s.scene is not None)
+        texts = list(dict.fromkeys(map(os.fspath, found)))
+        reasons = scan_images(texts, workers=workers, cache=cache, on_progress=on_progress)
+        failed = {t: r for t, r in zip(texts, reasons, strict=True) if r is not None}
+        first: dict[str, Path] = {}
+        for s, p in zip(samples, stored, strict=True) if failed else ():
+            if p is not None and os.fspath(p) in failed:
+                first.setdefault(os.fspath(p), s.path)
+        bad = [(first[t], r) for t, r in failed.items()]
+        return len(texts) - len(bad) + rendered, bad
     paths = list(dict.fromkeys(s.path for s in samples if s.path is not None))
     rendered = sum(1 for s in samples if s.path is None and s.scene is not None)
     reasons = scan_images(paths, workers=workers, cache=cache, on_progress=on_progress)

@@ -8,11 +8,15 @@ makes every reference survive `decode(encode(caption)) == caption` exactly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
 from captioner.errors import DataError
@@ -62,6 +66,13 @@ class Caption(str):
         caption.normal = " ".join(tokenize(text)) if normal is None else normal
         return caption
 
+    @classmethod
+    def many(cls, texts: Sequence[str], normals: Sequence[str]) -> list[Caption]:
+        """[Caption.of(t, n) for t, n in zip(texts, normals)], in C-level loops: a data set has ~600k of them."""
+        captions = list(map(cls, texts))
+        deque(map(setattr, captions, repeat("normal"), normals), maxlen=0)
+        return captions
+
     @property
     def words(self) -> list[str]:
         """tokenize(self)."""
@@ -78,6 +89,55 @@ def token_count(text: str) -> int:
     if type(text) is Caption:
         return text.normal.count(" ") + 1 if text.normal else 0
     return len(tokenize(text))
+
+
+# Counting a data set's words costs ~1 s at COCO's size (6M words), so the counts of a large list of Captions
+# are remembered on disk, named by a hash of the list's tokens: the same captions give the same counts, and
+# any change to them (a caption, its tokens, one image skipped) names another file. See count_tokens.
+COUNTS_MIN_CAPTIONS = 50_000  # fewer are counted in a fraction of a second: no cache file for them
+COUNTS_VERSION = 1  # bump when what is stored changes
+
+
+def count_tokens(captions: Iterable[str], *, cache: bool | Path = True) -> Counter[str]:
+    """How often each token occurs in the captions (tokenize's tokens).
+
+    A list of at least COUNTS_MIN_CAPTIONS Captions (their tokens known already) has its counts remembered:
+    `cache` True keeps them in the user's cache directory (beside the scan cache), a Path in that folder,
+    False nowhere. Like every cache here it is only a hint: a file that cannot be read or parsed is counted
+    again and replaced.
+    """
+    captions = captions if isinstance(captions, (list, tuple)) else list(captions)
+    if cache is False or len(captions) < COUNTS_MIN_CAPTIONS or set(map(type, captions)) != {Caption}:
+        return Counter(chain.from_iterable(map(tokens_of, captions)))
+    # Every caption's tokens, one caption a line: its hash names the counts. Splitting it on whitespace gives
+    # the tokens of every caption in turn (a Caption's tokens are its `normal` split on whitespace).
+    text = "\n".join(map(attrgetter("normal"), captions))
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    # Here, not at the top: the scan module brings Pillow and torch (through images), which tokenising needs not.
+    from captioner.data.scan import default_cache_dir, replace_json
+
+    folder = default_cache_dir().parent / "vocab" if cache is True else Path(cache)
+    file = folder / f"{digest}.json"
+    counts = _read_counts(file, len(captions))
+    if counts is None:
+        counts = Counter(text.split())
+        replace_json(file, {"version": COUNTS_VERSION, "captions": len(captions), "counts": counts})
+    return counts
+
+
+def _read_counts(file: Path, captions: int) -> Counter[str] | None:
+    """The remembered counts of `captions` captions, or None when the file is absent, unreadable or malformed."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != COUNTS_VERSION or data.get("captions") != captions:
+        return None
+    counts = data.get("counts")
+    if not isinstance(counts, dict) or not all(type(n) is int and n > 0 for n in counts.values()):
+        return None
+    return Counter(counts)
 
 
 class Vocabulary:
@@ -101,16 +161,18 @@ class Vocabulary:
         self._specials = {self.stoi[s] for s in self.SPECIALS}
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 1, max_size: int | None = None) -> Vocabulary:
+    def build(cls, captions: Iterable[str], min_count: int = 1, max_size: int | None = None, *,
+              cache: bool | Path = True) -> Vocabulary:
         """Words seen at least `min_count` times, most frequent first (ties alphabetical, so builds repeat).
 
-        `max_size` caps the total size including the four specials; rarer words fall to <unk>.
+        `max_size` caps the total size including the four specials; rarer words fall to <unk>. The counts of
+        a large list of Captions are remembered between starts (`cache`: see count_tokens).
         """
         if min_count < 1:
             raise DataError(f"min_count must be >= 1, got {min_count}")
         if max_size is not None and max_size <= len(cls.SPECIALS):
             raise DataError(f"max_size must exceed the {len(cls.SPECIALS)} special tokens, got {max_size}")
-        counts = Counter(chain.from_iterable(map(tokens_of, captions)))
+        counts = count_tokens(captions, cache=cache)
         words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         if max_size is not None:
             words = words[: max_size - len(cls.SPECIALS)]
