@@ -67,8 +67,8 @@ class Precision(str, Enum):
 PRECISION_HELP = ("fp32: everything in float32. bf16/fp16: matrix products in that type, where they pay: "
                   "training autocasts the model (weights and optimiser stay float32; fp16 adds a loss "
                   "scaler, CUDA only); inference stores the encoder in it and decodes in float32, so the "
-                  "word choice keeps full precision. auto: bf16 where the GPU or CPU computes it natively, "
-                  "else fp32.")
+                  "word choice keeps full precision. auto: bf16 where it is the faster (recent GPUs; CPUs "
+                  "with AMX, or AMD's AVX512-BF16), else fp32.")
 
 
 class Split(str, Enum):

@@ -42,15 +42,30 @@ def resolve_device(name: str) -> torch.device:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); read from /proc/cpuinfo (Linux)."""
+    """True when this CPU runs bf16 matrix products faster than float32; read from /proc/cpuinfo (Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+            return bf16_is_faster(f.read(1 << 16))  # the first core's entry is enough
     except OSError:
-        pass
-    return False
+        return False
+
+
+def bf16_is_faster(cpuinfo: str) -> bool:
+    """Whether a CPU described by /proc/cpuinfo text multiplies bf16 faster than float32.
+
+    AMX (Intel since Sapphire Rapids) does; so does AVX512-BF16 on AMD (Zen 4 on; measured on an EPYC: bf16
+    autocast trained the matched size at ~1.7-2x float32's images/s). An Intel CPU with AVX512-BF16 but no
+    AMX does not: oneDNN's bf16 products ran slower than float32 on one (a matched-size training step 1.37x
+    slower, the encoder 1.36x; benchmarks/NOTES.md, "bf16 without AMX"), so `auto` keeps float32 there.
+    """
+    vendor = flags = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("vendor_id") and not vendor:
+            vendor = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = line.split(":", 1)[1]
+    names = set(flags.split())
+    return "amx_bf16" in names or ("avx512_bf16" in names and vendor == "AuthenticAMD")
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:

@@ -255,3 +255,15 @@ def test_grad_clip_zero_means_no_clipping_and_is_accepted_everywhere(tmp_path: P
     file = tmp_path / "cfg.toml"
     file.write_text("grad_clip = 0\n")
     assert resolve(cli={}, model_cli={}, config_file=file).train.grad_clip == 0
+
+
+@pytest.mark.parametrize(("vendor", "flags", "faster"), [
+    ("GenuineIntel", "fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", True),
+    ("GenuineIntel", "fpu sse avx512f avx512_bf16", False),  # no AMX: oneDNN's bf16 ran slower than fp32
+    ("AuthenticAMD", "fpu sse avx512f avx512_bf16", True),
+    ("AuthenticAMD", "fpu sse avx2", False),
+    ("", "", False),
+])
+def test_auto_picks_bf16_where_it_is_the_faster(vendor: str, flags: str, faster: bool) -> None:
+    cpuinfo = f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: amx_bf16\n"
+    assert runtime.bf16_is_faster(cpuinfo) is faster
