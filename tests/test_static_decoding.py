@@ -222,3 +222,12 @@ def test_caption_and_evaluate_take_no_cuda_graph(monkeypatch: pytest.MonkeyPatch
         result = CliRunner().invoke(app, [*command, *flag])
         assert result.exit_code == 0, result.output
     assert seen == [expected, expected]
+
+
+def test_recording_under_autocast_keeps_autocast_but_not_its_cast_cache() -> None:
+    cpu = torch.device("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), graphs._no_cast_cache(cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.is_autocast_cache_enabled()  # a recording must cast the weights itself, every replay
+    with graphs._no_cast_cache(cpu):
+        assert not torch.is_autocast_enabled("cpu")

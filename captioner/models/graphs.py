@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -114,14 +115,26 @@ def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capa
 def _record(decoder: TransformerDecoder, state: DecoderState,
             tokens: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Record one step of `state` on `tokens` (the buffer later steps copy into); returns the graph and its logits."""
-    side = torch.cuda.Stream(device=tokens.device)
-    side.wait_stream(torch.cuda.current_stream(tokens.device))
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_STEPS):
-            decoder.step(tokens, state)
-            state.index.zero_()  # stay inside the capacity, however small
-    torch.cuda.current_stream(tokens.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits, _ = decoder.step(tokens, state)
+    with _no_cast_cache(tokens.device):
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                decoder.step(tokens, state)
+                state.index.zero_()  # stay inside the capacity, however small
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits, _ = decoder.step(tokens, state)
     return graph, logits
+
+
+def _no_cast_cache(device: torch.device) -> AbstractContextManager:
+    """Under autocast (SCST samples under it), the same autocast without its cache of cast weights.
+
+    With the cache, the warm-up steps' casts would be reused while recording, so the graph would read
+    those cast copies, which are freed when the autocast region ends, instead of casting the weights itself.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
