@@ -745,25 +745,18 @@ def check_images(samples: Sequence[Sample], *, workers: int = 16, cache: bool | 
     cache True for the user's cache directory, a folder, or False); on_progress(done, total) as it goes.
     """
     stored = list(map(_stored_path, samples))
-    found = [p for p in stored if p is not None]
-    if set(map(type, found)) <= {PosixPath, _PathText}:
-        # Equal PosixPaths are those with equal text, so repeats are dropped by text, which the scan needs anyway
-        # (hashing a Path costs as much as its text again); a file's first Path is the one reported.
-        rendered = sum(1 for s, p in zip(samples, stored, strict=True) if p is None and s.scene is not None)
-        texts = list(dict.fromkeys(map(os.fspath, found)))
-        reasons = scan_images(texts, workers=workers, cache=cache, on_progress=on_progress)
-        failed = {t: r for t, r in zip(texts, reasons, strict=True) if r is not None}
-        first: dict[str, Path] = {}
-        for s, p in zip(samples, stored, strict=True) if failed else ():
-            if p is not None and os.fspath(p) in failed:
-                first.setdefault(os.fspath(p), s.path)
-        bad = [(first[t], r) for t, r in failed.items()]
-        return len(texts) - len(bad) + rendered, bad
-    paths = list(dict.fromkeys(s.path for s in samples if s.path is not None))
-    rendered = sum(1 for s in samples if s.path is None and s.scene is not None)
-    reasons = scan_images(paths, workers=workers, cache=cache, on_progress=on_progress)
-    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
-    return len(paths) - len(bad) + rendered, bad
+    rendered = sum(1 for s, p in zip(samples, stored, strict=True) if p is None and s.scene is not None)
+    # Equal PosixPaths are those with equal text, so repeats are dropped by text, which the scan needs anyway
+    # (hashing a Path costs as much as its text again); other paths (Windows' ignore case) by their Path.
+    key = os.fspath if set(map(type, stored)) <= {PosixPath, _PathText, type(None)} else Path
+    files = list(dict.fromkeys(map(key, (p for p in stored if p is not None))))
+    reasons = scan_images(files, workers=workers, cache=cache, on_progress=on_progress)
+    failed = {f: r for f, r in zip(files, reasons, strict=True) if r is not None}
+    first: dict[str | Path, Path] = {}  # a failed file's first sample's Path: the one reported
+    for s, p in zip(samples, stored, strict=True) if failed else ():
+        if p is not None and key(p) in failed:
+            first.setdefault(key(p), s.path)
+    return len(files) - len(failed) + rendered, [(first[f], r) for f, r in failed.items()]
 
 
 def _summary(values: list[int]) -> dict[str, float]:
