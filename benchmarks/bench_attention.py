@@ -27,14 +27,13 @@ import argparse
 import copy
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, setup_threads  # noqa: E402
+from common import machine, setup_threads, time_in_turns  # noqa: E402
 
 from captioner.models.attention import KVCache, MultiHeadAttention, causal_mask  # noqa: E402
 from captioner.models.kernels import Kernels, use_kernels  # noqa: E402
@@ -45,20 +44,8 @@ B, H, T, N, D = 32, 4, 20, 64, 256  # a batch of 32 captions of 20 tokens over a
 def compare(candidates: dict[str, Callable[[], object]], *, repeat: int, device: str,
             warmup: int = 3) -> dict[str, float]:
     """Fastest time (ms) of each candidate, running them in turns; plus the ratio of the others to the first."""
-    def once(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for fn in candidates.values():
-        for _ in range(warmup):
-            once(fn)
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(repeat):
-        for name, fn in candidates.items():
-            best[name] = min(best[name], once(fn))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    best = time_in_turns(candidates, repeat=repeat, warmup=warmup, sync=sync)
     row = {f"{name}_ms": round(t * 1e3, 3) for name, t in best.items()}
     first, *others = candidates
     row.update({f"{name}_over_{first}": round(best[name] / best[first], 2) for name in others})
