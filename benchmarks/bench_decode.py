@@ -24,7 +24,6 @@ import argparse
 import importlib
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +31,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MATCHED, TOKENS, setup_threads  # noqa: E402
+from common import MATCHED, TOKENS, setup_threads, time_in_turns  # noqa: E402
 
 NEVER = MATCHED["vocab_size"] + 7  # an <eos> id outside the vocabulary: every caption runs its full length
 RUNS = {"b1_30tok_cached_fp32_ms": 15, "b1_30tok_naive_fp32_ms": 6, "b1_greedy_ms": 15, "b32_greedy_ms": 5,
@@ -105,14 +104,7 @@ def fastest_in_turns(trees: dict[str, dict[str, Callable[[], object]]]) -> dict[
     """Fastest time (ms) of every case of every tree; the trees run each case in turns, one call at a time."""
     best = {tree: {} for tree in trees}
     for case in next(iter(trees.values())):
-        for cases in trees.values():
-            cases[case]()  # warm-up
-        times = {tree: float("inf") for tree in trees}
-        for _ in range(RUNS[case]):
-            for tree, cases in trees.items():
-                start = time.perf_counter()
-                cases[case]()
-                times[tree] = min(times[tree], time.perf_counter() - start)
+        times = time_in_turns({tree: cases[case] for tree, cases in trees.items()}, repeat=RUNS[case])
         for tree, t in times.items():
             best[tree][case] = round(t * 1e3, 1)
     return best
