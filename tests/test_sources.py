@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from captioner.data.sources import (
     sample_image,
 )
 from captioner.data.synthetic import SyntheticWorld, check_caption, write_synthetic
-from captioner.errors import DataError
+from captioner.errors import DataError, ImageError
 
 
 def make_images(folder: Path, names: list[str]) -> None:
@@ -311,19 +312,74 @@ def test_a_refused_path_reads_the_same_whether_or_not_it_exists(tmp_path: Path) 
                     for e in ("../there.png", "../gone.png", "/etc/passwd", "/no/such/file.png")
                     if image_dir is not None or not e.startswith("/")]
         assert len(set(messages)) == 1, messages
-        links = [_refusal(_jsonl(tmp_path / "d.jsonl", e, "a.png"), image_dir=image_dir).replace(e, "X")
-                 for e in ("there.png", "gone.png")]
-        assert links[0] == links[1], links
 
 
-def test_symlinks_leading_out_of_the_folder_are_refused(tmp_path: Path) -> None:
-    make_images(tmp_path / "images", ["a.png"])
-    make_images(tmp_path / "elsewhere", ["b.png"])
-    (tmp_path / "images" / "out.png").symlink_to(tmp_path / "elsewhere" / "b.png")
-    (tmp_path / "images" / "outdir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    for entry in ("out.png", "outdir/b.png"):
+def _linked_folder(tmp_path: Path, names: list[str]) -> Path:
+    """An image folder of symlinks (git-annex, DVC's cache, `cp -s`) into a store folder beside it."""
+    make_images(tmp_path / "store", names)
+    (tmp_path / "images").mkdir()
+    for name in names:
+        os.symlink(tmp_path / "store" / name, tmp_path / "images" / name)
+    return tmp_path / "images"
+
+
+def test_a_folder_of_symlinks_out_of_it_loads_and_opens(tmp_path: Path) -> None:
+    """A user's own links are their data, wherever they point: only the annotations' text is judged."""
+    images = _linked_folder(tmp_path, ["a.png", "b.jpg"])
+    (tmp_path / "images" / "sub").symlink_to(tmp_path / "store", target_is_directory=True)  # a linked folder too
+    ann = _jsonl(tmp_path / "d.jsonl", "a.png", "b.jpg", "sub/a.png")
+    for image_dir in (images, None):
+        samples = load_samples(ann, image_dir=image_dir, cache=False)
+        assert [s.path for s in samples] == [images / "a.png", images / "b.jpg", images / "sub" / "a.png"]
+        assert check_images(samples, cache=False) == (3, [])
+        assert [sample_image(s).size for s in samples] == [(8, 6)] * 3
+
+
+def test_a_folder_of_symlinks_trains(tmp_path: Path) -> None:
+    from captioner.training import train
+
+    from .conftest import tiny_train_config
+
+    names = [f"{i}.png" for i in range(4)]
+    images = _linked_folder(tmp_path, names)
+    lines = [{"image": n, "caption": f"a {c} square", "split": "train" if i < 3 else "val"}
+             for i, (n, c) in enumerate(zip(names, ["red", "blue", "red", "blue"], strict=True))]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = tiny_train_config(data=str(tmp_path / "d.jsonl"), image_dir=str(images), max_steps=1, batch_size=2,
+                            val_every=1, workers=0)
+    train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("fenced", [True, False])
+def test_climbing_and_outside_absolute_paths_are_still_refused_beside_links(tmp_path: Path, fenced: bool) -> None:
+    images = _linked_folder(tmp_path, ["a.png", "x.jpg"])
+    entries = ["../x.jpg", "a.png/../../x.jpg"] + ([str(tmp_path / "store" / "x.jpg")] if fenced else [])
+    for entry in entries:
         ann = _jsonl(tmp_path / "d.jsonl", "a.png", entry)
-        assert entry in _refusal(ann, image_dir=tmp_path / "images")
+        message = _refusal(ann, image_dir=images if fenced else None, cache=False)
+        assert f"image path {entry!r} leads outside the image folder" in message
+
+
+def test_paths_are_used_as_judged(tmp_path: Path) -> None:
+    """`link/../x.png` is judged as the folder's x.png, so that is the file opened, not one beside the target."""
+    make_images(tmp_path / "images", ["x.png"])
+    make_images(tmp_path / "elsewhere" / "deep", ["y.png"])
+    Image.new("RGB", (5, 5)).save(tmp_path / "elsewhere" / "x.png")  # what the OS would open for link/../x.png
+    (tmp_path / "images" / "link").symlink_to(tmp_path / "elsewhere" / "deep", target_is_directory=True)
+    (sample,) = load_samples(_jsonl(tmp_path / "d.jsonl", "link/../x.png"), image_dir=tmp_path / "images")
+    assert sample.path == tmp_path / "images" / "x.png" and sample_image(sample).size == (8, 6)
+
+
+def test_a_dangling_symlink_is_a_missing_file(tmp_path: Path) -> None:
+    images = _linked_folder(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "store" / "b.png").unlink()  # the link stays, its target is gone (an unfetched annex file)
+    ann = _jsonl(tmp_path / "d.jsonl", "b.png", "a.png")
+    for image_dir in (images, None):  # a folder of links is found even when the first ones dangle
+        samples = load_samples(ann, image_dir=image_dir, cache=False)
+        assert check_images(samples, cache=False) == (1, [(images / "b.png", "file not found")])
+        with pytest.raises(ImageError, match=r"b\.png: file not found$"):
+            sample_image(samples[0])
 
 
 def test_paths_inside_the_folder_and_a_linked_folder_are_accepted(tmp_path: Path) -> None:
@@ -333,8 +389,7 @@ def test_paths_inside_the_folder_and_a_linked_folder_are_accepted(tmp_path: Path
     ann = _jsonl(tmp_path / "d.jsonl", "a.png", "sub/../sub/b.png", "c.png")
     for image_dir in (tmp_path / "images", None):
         samples = load_samples(ann, image_dir=image_dir)
-        assert {s.path for s in samples} == {tmp_path / "images" / n for n in ("a.png", "sub/../sub/b.png",
-                                                                                 "c.png")}
+        assert {s.path for s in samples} == {tmp_path / "images" / n for n in ("a.png", "sub/b.png", "c.png")}
 
 
 def test_absolute_paths_are_the_users_own_only_without_an_image_folder(tmp_path: Path) -> None:

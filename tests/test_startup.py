@@ -24,7 +24,6 @@ from captioner.data.dataset import CaptionDataset
 from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocess, TrainTransform
 from captioner.data.sources import Sample, check_images, load_samples
 from captioner.data.vocab import Caption, Vocabulary, tokenize, tokens_of
-from captioner.errors import DataError
 
 PRE = Preprocess(image_size=32)
 
@@ -221,18 +220,19 @@ def test_a_changed_annotations_file_is_read_again(cached_coco: tuple[Path, Path]
     assert calls == [annotations] and "A blue bus." in {c for s in samples for c in s.captions}
 
 
-def test_a_new_symlink_out_of_the_image_folder_is_still_refused(cached_coco: tuple[Path, Path],
-                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The folders the images were found in are part of the cache's key: the symlink rule holds as without it."""
+def test_a_new_symlink_out_of_the_image_folder_is_followed_as_without_the_cache(
+        cached_coco: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A user's link is their data, wherever it points: the cached load equals a fresh one and opens its target."""
     annotations, cache = cached_coco
     load_samples(annotations, cache=cache)
-    outside = tmp_path_factory.mktemp("outside") / "secret.jpg"
-    Image.new("RGB", (8, 6)).save(outside)
+    outside = tmp_path_factory.mktemp("outside") / "shared.jpg"
+    Image.new("RGB", (5, 4)).save(outside)
     image = annotations.parent / "images" / "2.jpg"
     image.unlink()
     image.symlink_to(outside)  # the folder's mtime moves
-    with pytest.raises(DataError, match="leads outside the image folder"):
-        load_samples(annotations, cache=cache)
+    samples = load_samples(annotations, cache=cache)
+    assert _summary(samples) == _summary(load_samples(annotations, cache=False))
+    assert sources.sample_image(next(s for s in samples if s.path == image)).size == (5, 4)
 
 
 def test_a_corrupt_or_foreign_cache_file_is_ignored_and_replaced(cached_coco: tuple[Path, Path],

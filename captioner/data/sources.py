@@ -11,10 +11,13 @@ Formats (detected from the file name and content, or named with `format`):
 Datasets without split information get a deterministic 90/5/5 train/val/test split from a hash of the
 image id, so every run and every command sees the same split.
 
-Image paths stay inside the image folder (`image_dir`, else the one found beside the annotations): a relative
-path that climbs out with `..`, or reaches a file through a symlink pointing outside, is refused. Absolute paths
-are followed as written only when no `image_dir` is given (the user's own file list); with one, they too must
-lie inside it. A refused path reads the same whether or not its target exists.
+Image paths stay inside the image folder (`image_dir`, else the one found beside the annotations), judged on
+the annotation's text alone: a relative path whose `..` climbs above the folder is refused. Absolute paths are
+followed as written only when no `image_dir` is given (the user's own file list); with one, they too must lie
+inside it. Symlinks are not followed to judge: a link in the folder (git-annex, DVC's symlink cache, `cp -s`)
+is the user's own data, wherever it points. Each path is used as normalised, so the file opened is the one
+judged (`link/../x.jpg` is the folder's x.jpg, not one beside the link's target). A refused path reads the
+same whether or not its target exists: the file system is never asked.
 """
 
 from __future__ import annotations
@@ -216,7 +219,7 @@ def _remembered(path: Path, image_dir: Path | None, format: str, cache_dir: Path
     while the annotations file keeps its size and mtime and the folders the images were found in, and
     those where the image folder is looked for, keep theirs (`_folders_of`): adding, removing or re-pointing
     an entry there (an image, a symlink, a candidate folder) changes a folder's mtime, and the next load
-    reads the file again, so the image-folder and symlink rules hold as they do without a cache. Like the
+    reads the file again, so the image folder is found as it is without a cache. Like the
     scan cache it is only a hint: unreadable, malformed or stale files are ignored and replaced.
     """
     relative = not path.is_absolute() or (image_dir is not None and not image_dir.is_absolute())
@@ -456,64 +459,48 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
 
 
 def _holds_any(folder: Path, files: list[str]) -> bool:
-    """Whether one of the files is in the folder; nothing a symlink leads to outside it is looked at."""
-    fence = _Fence(folder)
-    return any(fence.holds(f) and (folder / f).exists() for f in files)
+    """Whether one of the (relative, non-climbing) files is in the folder; a link there counts, even dangling."""
+    return any(os.path.lexists(os.path.join(folder, os.path.normpath(f))) for f in files)
 
 
 def _climbs_out(entry: str) -> bool:
     """An absolute path, or a relative one whose `..` climb above its folder: judged on the text alone."""
-    return Path(entry).is_absolute() or Path(os.path.normpath(entry)).parts[:1] == ("..",)
+    return os.path.isabs(entry) or _inside(entry) is None
 
 
-class _Fence:
-    """Tells whether a path stays inside a folder once `..` and symlinks are followed.
-
-    The text is judged first, so a path that climbs out is refused without touching the file system;
-    then the folders on its way and the file itself are resolved (each folder once), so a symlink
-    inside the image folder cannot lead outside it. Plain strings, not Paths: it runs once per entry.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.lexical = os.path.normpath(os.path.abspath(folder))
-        self.root = os.path.realpath(folder)
-        self.dirs: dict[str, str] = {}
-
-    def holds(self, entry: str) -> bool:
-        """Whether `entry` (relative to the folder, or absolute) names a file inside it."""
-        lexical = os.path.normpath(os.path.join(self.lexical, entry))
-        if lexical == self.lexical:
-            return True  # the folder itself: loading it says "is a directory"
-        if not _within(lexical, self.lexical):
-            return False
-        head, name = os.path.split(lexical)
-        parent = self.dirs.get(head)
-        if parent is None:
-            parent = self.dirs[head] = os.path.realpath(head)
-        if not _within(parent, self.root):
-            return False
-        file = os.path.join(parent, name)
-        return not os.path.islink(file) or _within(os.path.realpath(file), self.root)
-
-
-def _within(path: str, folder: str) -> bool:
-    """Whether a normalised path is the folder or below it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def _inside(entry: str) -> str | None:
+    """A relative entry lexically normalised (`a/../b` is `b`), or None when its `..` climb above its folder."""
+    normal = os.path.normpath(entry)
+    return None if normal == os.pardir or normal.startswith(os.pardir + os.sep) else normal
 
 
 def _locate(annotations: Path, raw: list[_Raw], given: Path | None, extra: Sequence[Path] = ()) -> list[_Raw]:
-    """Each entry's file in the image folder; one leading outside it is refused (the rule: module docstring)."""
+    """Each entry's file in the image folder; one whose text leads outside it is refused (the rule: module
+    docstring). Only the text is judged, once per distinct entry: no file is looked at."""
     folder = _find_image_dir(annotations, [r.file for r in raw], given, extra)
-    fence = _Fence(folder)
-    inside: set[str] = set()  # CSV and Flickr8k list each image once per caption: check each path once
+    root = os.path.normpath(os.path.abspath(folder))
+    located: dict[str, str] = {}  # CSV and Flickr8k list each image once per caption: judge each entry once
     for r in raw:
-        if given is None and os.path.isabs(r.file):
-            continue  # the user's own absolute path, with no folder to keep it in
-        if r.file not in inside and not fence.holds(r.file):
-            raise DataError(f"{annotations}: image path {r.file!r} leads outside the image folder {folder}")
-        inside.add(r.file)
-        r.file = str(folder / r.file)
+        file = located.get(r.file)
+        if file is None:
+            file = _in_folder(r.file, folder, root, fenced=given is not None)
+            if file is None:
+                raise DataError(f"{annotations}: image path {r.file!r} leads outside the image folder {folder}")
+            located[r.file] = file
+        r.file = file
     return raw
+
+
+def _in_folder(entry: str, folder: Path, root: str, *, fenced: bool) -> str | None:
+    """The file `entry` names in `folder` (`root`: its absolute path), lexically normalised; None when the text
+    leads outside. An absolute entry is the user's own unless `fenced` (an image folder was given)."""
+    if os.path.isabs(entry):
+        if not fenced:
+            return entry
+        normal = os.path.normpath(entry)
+        return normal if normal == root or normal.startswith(root.rstrip(os.sep) + os.sep) else None
+    normal = _inside(entry)
+    return None if normal is None else str(folder / normal)
 
 
 # ----------------------------------------------------------------------------- readers
