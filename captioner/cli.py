@@ -625,10 +625,11 @@ def data_check(
     data: Annotated[str, typer.Option(help="Dataset annotations file.")],
     image_dir: Annotated[str | None, typer.Option("--images", help="Image folder.")] = None,
     format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
-    min_count: Annotated[int, typer.Option(min=1, help="Minimum word count for the vocabulary.")] = 1,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    min_count: Annotated[int | None, typer.Option(min=1, help=(
+        "Minimum word count for the vocabulary (default: what training would use for this dataset)."))] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the same facts as one JSON object.")] = False,
 ) -> None:
-    """Dry run: images found/missing, captions per image, lengths, vocabulary size, split sizes."""
+    """Dry run: images found/missing, images and captions per split, caption lengths, vocabulary size."""
     from captioner.data.sources import dataset_report, load_samples
 
     samples = load_samples(data, image_dir=image_dir, format=format.value)
@@ -636,12 +637,94 @@ def data_check(
     if json_out:
         typer.echo(json.dumps(report, default=str))
     else:
-        from rich.console import Console
-        from rich.pretty import Pretty
-
-        Console().print(Pretty(report))
+        _show_dataset_report(report)
     if report.get("images_missing") or report.get("images_unreadable"):
         raise typer.Exit(1)
+
+
+def _show_dataset_report(report: dict[str, Any]) -> None:
+    """`data check`'s report as tables: counts per split, caption statistics, then vocabulary and notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def number(value: float) -> str:
+        return f"{value:,}" if isinstance(value, int) or value != int(value) else f"{int(value):,}"
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"[bold]{_plain(report['source'])}[/] ({_plain(report['format'])})")
+    counts = Table(title="counts")
+    counts.add_column("split")
+    counts.add_column("images", justify="right")
+    counts.add_column("captions", justify="right")
+    for split, images in report["splits"].items():
+        counts.add_row(split, number(images), number(report["split_captions"][split]))
+    counts.add_section()
+    counts.add_row("all", number(report["images"]), number(report["captions"]), style="bold")
+    console.print(counts)
+    stats = Table(title="captions")
+    stats.add_column("")
+    for column in ("min", "median", "max"):
+        stats.add_column(column, justify="right")
+    for label, key in (("per image", "captions_per_image"), ("length (words)", "caption_length")):
+        summary = report[key]
+        stats.add_row(label, *(number(summary[c]) if c in summary else "-" for c in ("min", "median", "max")))
+    console.print(stats)
+    console.print(f"vocabulary: {number(report['vocab_size'])} tokens (specials included) from the "
+                  f"{report['vocab_from']} captions' {number(report['distinct_words'])} distinct words, "
+                  f"at min count {report['vocab_min_count']}, at most {number(report['vocab_max_size'])}")
+    found = f"images: {number(report['images_found'])} usable"
+    problems = f", {report['images_missing']} missing, {report['images_unreadable']} unreadable"
+    console.print(found + problems if report["images_missing"] or report["images_unreadable"] else found)
+    for example in report.get("missing_examples", []):
+        console.print(f"[red]missing:[/] {_plain(example)}")
+    for example in report.get("unreadable_examples", []):
+        console.print(f"[red]unreadable:[/] {_plain(example)}")
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {_plain(note)}")
+    for warning in report["warnings"]:
+        console.print(f"[bold red]warning:[/] {_plain(warning)}")
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Model = None,
+    checkpoint_: Checkpoint = Which.best,
+    host: Annotated[str, typer.Option(help="Address to listen on; any but loopback needs --token or --no-auth.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="CAPTIONER_TOKEN", show_default=False, help=(
+        "Bearer token every /v1 request must carry (Authorization: Bearer ...); the variable keeps it out of ps."))
+    ] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve a non-loopback host with no token (e.g. behind "
+                                          "a proxy that authenticates).")] = False,
+    cors: Annotated[list[str] | None, typer.Option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN call "
+                                                   "the API (repeatable; default: none).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, max=1024.0, help="Largest request body.")] = 20.0,
+    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Images captioned at once.")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long a batch waits for "
+                                                 "requests still arriving.")] = 5.0,
+    queue_limit: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before an unanswered request gets 503.")] = 60.0,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    precision: InferPrecision = Precision.auto,
+) -> None:
+    """Serve a web page and a JSON API (docs at /docs) that caption uploaded images and show the attention."""
+    from captioner.serve import missing_extra
+
+    problem = missing_extra()
+    if problem:
+        raise ConfigError(problem)
+    from captioner.serve.server import serve as run_server
+    from captioner.serve.settings import MB, ServeSettings
+
+    settings = ServeSettings(host=host, port=port, token=token, no_auth=no_auth, cors=tuple(cors or ()),
+                             max_upload_bytes=int(max_upload_mb * MB), max_batch=max_batch,
+                             batch_wait_ms=batch_wait_ms, queue_limit=queue_limit, timeout_s=timeout)
+    run_server(settings, model=model, which=checkpoint_.value, device=device.value, precision=precision.value)
 
 
 def main() -> None:

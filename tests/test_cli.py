@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,10 @@ def test_data_check(samples: Path, tmp_path: Path) -> None:
     for key, values in (("captions_per_image", per_image), ("caption_length", lengths)):
         assert (report[key]["min"], report[key]["max"]) == (min(values), max(values)), key
     assert report["caption_length"]["mean"] == pytest.approx(sum(lengths) / len(lengths), abs=0.01)
-    assert report["distinct_words"] == len(words) and report["vocab_size"] == len(words) + 4  # + the 4 specials
+    counts = Counter(w for c in captions for w in tokenize(c))
+    assert report["distinct_words"] == len(words) == len(counts)
+    # At training's threshold for a small dataset (words seen twice), plus the 4 specials.
+    assert report["vocab_min_count"] == 2 and report["vocab_size"] == sum(n >= 2 for n in counts.values()) + 4
     # A missing image is counted, named, and fails the check.
     broken = tmp_path / "data"
     shutil.copytree(samples, broken)
@@ -192,6 +196,49 @@ def test_data_check(samples: Path, tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and (report["images_found"], report["images_missing"]) == (5, 1)
     assert report["missing_examples"] == [str(gone)]
+
+
+def _csv_dataset(folder: Path) -> Path:
+    """Five images in a CSV (one row per caption): 3 train with 2 captions each, 1 val, 1 test."""
+    (folder / "images").mkdir()
+    rows = ["image,caption,split"]
+    for i, split in enumerate(["train", "train", "train", "val", "test"]):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / "images" / f"{i}.png")
+        rows.append(f"{i}.png,a red dog on grass,{split}")
+        if split == "train":
+            rows.append(f"{i}.png,the red dog runs fast,{split}")
+    (folder / "captions.csv").write_text("\n".join(rows))
+    return folder / "captions.csv"
+
+
+def test_data_check_prints_tables_and_json_with_the_same_facts(tmp_path: Path) -> None:
+    data = _csv_dataset(tmp_path)
+    as_json = run("data", "check", "--data", data, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    assert (report["images"], report["captions"], report["images_found"]) == (5, 8, 5)
+    assert report["splits"] == {"train": 3, "val": 1, "test": 1}
+    assert report["split_captions"] == {"train": 6, "val": 1, "test": 1}
+    assert [report["caption_length"][k] for k in ("min", "median", "max")] == [5, 5, 5]
+    # The train captions' words seen at least twice (training's threshold here): all 8, plus the 4 specials.
+    assert (report["vocab_min_count"], report["vocab_size"], report["vocab_from"]) == (2, 12, "train")
+    assert report["warnings"] == []
+    stricter = json.loads(run("data", "check", "--data", data, "--json", "--min-count", "4").stdout)
+    assert (stricter["vocab_min_count"], stricter["vocab_size"]) == (4, 4 + 2)  # "red" and "dog", seen 6 times
+
+    table = run("data", "check", "--data", data)
+    assert table.exit_code == 0, table.output
+    assert "{" not in table.stdout  # a table, not a dict repr
+    rows = {line.split()[1]: line.split()[3:6:2] for line in table.stdout.splitlines()
+            if line.startswith("│") and line.split()[1] in ("train", "val", "test", "all")}
+    assert rows == {"train": ["3", "6"], "val": ["1", "1"], "test": ["1", "1"], "all": ["5", "8"]}
+    assert "vocabulary: 12 tokens" in table.stdout and "at min count 2" in table.stdout
+    assert "images: 5 usable" in table.stdout
+
+    (tmp_path / "images" / "4.png").unlink()
+    broken = run("data", "check", "--data", data)
+    assert broken.exit_code == 1 and "1 missing" in broken.stdout and "warning: 1 images not found" in broken.stdout
+    assert f"missing: {tmp_path / 'images' / '4.png'}" in broken.stdout
 
 
 def test_bf16_encoder_inference_keeps_a_float32_decoder(trained_run: Path, samples: Path) -> None:

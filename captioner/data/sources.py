@@ -41,7 +41,7 @@ from typing import Any
 
 from PIL import Image
 
-from captioner.config import FORMATS, SPLITS
+from captioner.config import FORMATS, SPLITS, TrainConfig
 from captioner.data.images import load_image
 from captioner.data.scan import Progress, default_cache_dir, gc_paused, replace_json, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
@@ -755,16 +755,33 @@ def _summary(values: list[int]) -> dict[str, float]:
     return {"min": ordered[0], "mean": mean, "median": median, "p95": p95, "max": ordered[-1]}
 
 
-def dataset_report(samples: Sequence[Sample], vocab_min_count: int = 1) -> dict[str, Any]:
-    """What `captioner data check` shows: images found/missing/unreadable, captions, vocabulary, splits."""
+def dataset_report(samples: Sequence[Sample], vocab_min_count: int | None = None) -> dict[str, Any]:
+    """What `captioner data check` shows, as plain JSON-ready data: images found/missing/unreadable, images and
+    captions per split, caption lengths in words, the vocabulary training would build, notes and warnings.
+
+    vocab_min_count None: the threshold training would pick for these captions (TrainConfig.resolved_min_count),
+    so the vocabulary size shown is the one a run with default options gets.
+    """
     ok, bad = check_images(samples)
     missing = [(p, r) for p, r in bad if r == "file not found"]
     unreadable = [(p, r) for p, r in bad if r != "file not found"]
     captions = [c for s in samples for c in s.captions]
     lengths = [len(tokenize(c)) for c in captions]
     train_captions = [c for s in samples if s.split == "train" for c in s.captions]
-    vocab = Vocabulary.build(train_captions or captions, min_count=vocab_min_count)
+    synthetic = getattr(samples, "format", "") == "synthetic"
+    options = TrainConfig(data=None if synthetic else getattr(samples, "source", "") or "dataset",
+                          min_count=vocab_min_count)
+    min_count = options.resolved_min_count(len(train_captions or captions))
+    vocab = Vocabulary.build(train_captions or captions, min_count=min_count, max_size=options.max_vocab)
     words = Counter(t for c in (train_captions or captions) for t in tokenize(c))
+    splits = {split: sum(1 for s in samples if s.split == split) for split in SPLITS}
+    warnings = []
+    if missing:
+        warnings.append(f"{len(missing)} images not found")
+    if unreadable:
+        warnings.append(f"{len(unreadable)} images cannot be read")
+    if not splits["train"] and getattr(samples, "has_splits", True):
+        warnings.append("no train split: training needs one (or --val-data with a file that names no splits)")
     report: dict[str, Any] = {
         "source": getattr(samples, "source", ""),
         "format": getattr(samples, "format", ""),
@@ -772,14 +789,18 @@ def dataset_report(samples: Sequence[Sample], vocab_min_count: int = 1) -> dict[
         "images_found": ok,
         "images_missing": len(missing),
         "images_unreadable": len(unreadable),
-        "splits": {split: sum(1 for s in samples if s.split == split) for split in SPLITS},
+        "splits": splits,
         "captions": len(captions),
+        "split_captions": {split: sum(len(s.captions) for s in samples if s.split == split) for split in SPLITS},
         "captions_per_image": _summary([len(s.captions) for s in samples]),
         "caption_length": _summary(lengths),
         "vocab_size": len(vocab),
-        "vocab_min_count": vocab_min_count,
+        "vocab_min_count": min_count,
+        "vocab_max_size": options.max_vocab,
+        "vocab_from": "train" if train_captions else "all",  # the split training builds it from, else everything
         "distinct_words": len(words),
         "notes": list(getattr(samples, "notes", [])),
+        "warnings": warnings,
     }
     if missing:
         report["missing_examples"] = [str(p) for p, _ in missing[:5]]
