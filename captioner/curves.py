@@ -226,14 +226,16 @@ def _draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel
     s = SCALE
     left, top, right, bottom = box
     draw.text((left, top), panel.title, fill=INK, font=fonts.text)
-    _legend(draw, panel, right, top, fonts, best_step is not None and panel.has_points())
-
     values = [y for series in panel.series for _, y in series.points]
     y_range = _padded(min(values, default=0.0), max(values, default=1.0), floor=panel.floor, ceiling=panel.ceiling)
     y_ticks = nice_ticks(*y_range, count=5)
     y_range = (min(y_range[0], y_ticks[0]), max(y_range[1], y_ticks[-1]))  # the axis ends on a tick
-    y_labels = tick_labels(y_ticks, percent=panel.percent)
-    label_w = max(fonts.small.getlength(t) for t in y_labels)
+    if not values:  # an empty panel keeps its frame and steps but claims no values and no legend
+        y_ticks = []
+    else:
+        _legend(draw, panel, right, top, fonts, best_step is not None)
+    y_labels = tick_labels(y_ticks, percent=panel.percent) if y_ticks else []
+    label_w = max((fonts.small.getlength(t) for t in y_labels), default=0.0)
     line_h = _text_height(fonts.small)
     plot = (left + int(label_w) + 8 * s, top + _text_height(fonts.text) + 10 * s, right - 4 * s,
             bottom - 2 * line_h - 10 * s)
