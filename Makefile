@@ -18,18 +18,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,serve]'
 	touch $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
+	$(BIN)/pip install -q -e '.[serve]'
 	$(BIN)/captioner train --encoder $(ENCODER) --out $(RUN)
 	$(BIN)/captioner data synth --out outputs/samples --n 4 --split test
 	$(BIN)/captioner caption outputs/samples/images --model $(RUN)
 	$(BIN)/captioner attend outputs/samples/images/test_000000.png --model $(RUN) --out outputs/attend
 	@echo "Model: $(RUN)   sample images: outputs/samples/images   attention overlays: outputs/attend"
+	@echo "See it in a browser: $(BIN)/captioner serve --model $(RUN)   (then open http://127.0.0.1:8000/)"
 
 test: install-dev
 	$(BIN)/ruff check captioner tests benchmarks

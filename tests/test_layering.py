@@ -41,11 +41,12 @@ LAYERS: dict[str, int] = {
     "captioner.feature_cache": 6,  # a frozen backbone's features, computed once and memory-mapped from disk
     "captioner.training": 7,    # the one training loop
     "captioner.scst": 7,        # SCST: its reward step and run set-up, on training's loop
+    "captioner.serve": 7,       # `captioner serve`: the HTTP API and page over api, overlay and results
     "captioner.cli": 8,
     "captioner.__main__": 8,
     "captioner": 8,
 }
-PACKAGES = ("captioner.models", "captioner.data")  # entries of LAYERS that cover a whole package
+PACKAGES = ("captioner.models", "captioner.data", "captioner.serve")  # entries of LAYERS that cover a whole package
 
 # Same-layer parts that must not import each other at all: the model never knows how data is read,
 # and the data never knows what model will consume it.

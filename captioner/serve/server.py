@@ -1,0 +1,33 @@
+"""Run the application under uvicorn: one process, one model, graceful on SIGINT and SIGTERM.
+
+On either signal uvicorn stops accepting connections, lets every in-flight request finish (for up to the
+request timeout), then runs the app's shutdown, which stops the batcher; only then does the process exit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from captioner.api import Captioner
+from captioner.serve.app import create_app
+from captioner.serve.settings import ServeSettings
+
+
+def warm_up(captioner: Captioner) -> None:
+    """Caption one blank image, so the first request does not pay for lazy initialisation (kernels, graphs)."""
+    S = captioner.preprocess.image_size
+    captioner.caption_tensor(torch.zeros(1, 3, S, S))
+
+
+def serve(settings: ServeSettings, *, model: str | Path | None = None, which: str = "best", device: str = "auto",
+          precision: str = "auto") -> None:
+    """Load a run (default: the newest under ./runs) and serve it until SIGINT or SIGTERM."""
+    captioner = Captioner.load(model, which=which, device=device, precision=precision)
+    warm_up(captioner)
+    config = uvicorn.Config(create_app(captioner, settings), host=settings.host, port=settings.port,
+                            timeout_graceful_shutdown=int(settings.timeout_s) + 1, server_header=False,
+                            log_level="info")
+    uvicorn.Server(config).run()
