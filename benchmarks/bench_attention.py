@@ -5,12 +5,10 @@
   attention core alone (inference), and the whole module with its projections (inference, and a
   training forward+backward);
 - the attention core in bfloat16, forward + backward (what training under CPU autocast runs), at the
-  tiny preset's shapes and at the matched size: the figures behind the `Kernels` policy's auto attention;
+  tiny preset's shapes and at the matched size: the figures behind the `Kernels` switch's auto (explicit
+  for bf16 on the CPU);
 - the attention core at inference in the shapes captioning runs (decoding steps of 1 to 96 rows, and
-  the encoder's 144-token self-attention), float32 and bfloat16: the other figures behind that policy;
-- float32 linear layers at inference on MKL's sgemm (plain F.linear) vs oneDNN's kernel, at the row
-  counts captioning runs (one decoder step's 19 products, and the encoder's): the figures behind
-  `Kernels.takes_onednn` (captioner/models/kernels.py);
+  the encoder's 144-token self-attention), float32 and bfloat16;
 - the explicit path of each scoring function (general and additive have no fused form);
 - KV-cache growth while decoding one token at a time: preallocated capacity written in place vs
   concatenating a new tensor every step.
@@ -128,35 +126,6 @@ def core_decode(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def linear_kernels(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
-    """One decoder step's 19 float32 products (3 layers + output layer), and one encoder product, per kernel."""
-    torch.manual_seed(0)
-    step = [(3 * D, D), (D, D), (D, D), (D, D), (4 * D, D), (D, 4 * D)] * 3 + [(1000, D)]  # (out, in)
-    weights = [(torch.randn(o, i, device=device), torch.randn(o, device=device)) for o, i in step]
-    out = {}
-
-    def run(inputs: dict[int, torch.Tensor], onednn: bool) -> None:
-        kernels = Kernels(onednn_linear=onednn)
-        for w, b in weights:
-            kernels.linear(inputs[w.shape[1]], w, b)
-
-    with torch.inference_mode():
-        for rows in (1, 3, 32, 96):
-            inputs = {i: torch.randn(rows, i, device=device) for i in (D, 4 * D)}
-            out[f"decoder step, {rows} rows"] = compare(
-                {"mkl": lambda x=inputs: run(x, False), "onednn": lambda x=inputs: run(x, True)},
-                repeat=repeat, device=device)
-        x, (w, b) = torch.randn(32 * 144, D, device=device), weights[4]  # the feed-forward's first product
-
-        def encoder_product(onednn: bool) -> None:
-            Kernels(onednn_linear=onednn).linear(x, w, b)
-
-        out["encoder 32 x 144 rows, 256 -> 1024"] = compare(
-            {"mkl": lambda: encoder_product(False), "onednn": lambda: encoder_product(True)},
-            repeat=repeat, device=device)
-    return out
-
-
 def module(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
     """The whole MultiHeadAttention (projections included) on each path, inference and training."""
     torch.manual_seed(0)
@@ -231,7 +200,6 @@ def main() -> None:
         "core": core(args.device, repeat=args.repeat),
         "core_train_bf16": core_train_bf16(args.device, repeat=max(5, args.repeat // 3)),
         "core_decode": core_decode(args.device, repeat=args.repeat),
-        "linear_kernels": linear_kernels(args.device, repeat=args.repeat),
         "module": module(args.device, repeat=args.repeat),
         "explicit_by_score": scores(args.device, repeat=args.repeat),
         "kv_cache": caches(args.device, repeat=max(5, args.repeat // 3)),

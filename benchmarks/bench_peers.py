@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -340,19 +341,17 @@ def decoder_products(model: CaptionModel, rows: int) -> Callable[[], None]:
     """One decoding step's matrix products alone (7 a layer, and the output layer), with the model's own weights.
 
     No attention, norm, head split, cache write or Python: the least work a step of this decoder can do,
-    in the decoder's dtype and on the kernel the model's policy picks.
+    in the decoder's dtype, on F.linear as the model's layers run them.
     """
     mats = [m for layer in model.decoder.layers for m in (
         layer.self_attn.to_q, layer.self_attn.to_kv, layer.self_attn.to_out, layer.cross_attn.to_q,
         layer.cross_attn.to_out, layer.ff.to_hidden, layer.ff.to_out)] + [model.decoder.head]
     weight = model.decoder.head.weight
     inputs = {m.in_features: torch.randn(rows, m.in_features, device=weight.device, dtype=weight.dtype) for m in mats}
-    kernels = model.kernels
-
-    @torch.inference_mode()  # as in decoding: oneDNN is only taken outside autograd
+    @torch.inference_mode()  # as in decoding
     def step() -> None:
         for m in mats:
-            kernels.linear(inputs[m.in_features], m.weight, m.bias)
+            F.linear(inputs[m.in_features], m.weight, m.bias)
     return step
 
 
@@ -409,7 +408,7 @@ def cached_vs_naive(size: Size, ours: CaptionModel, products_b1_ms: float, bench
 
 OP_CATEGORIES = {  # aten operator -> category; an operator named nowhere here counts as "other_ops"
     "matrix_products": ("aten::mm", "aten::addmm", "aten::mv", "aten::addmv", "aten::dot",
-                        "mkldnn::_linear_pointwise", "aten::mkldnn_convolution", "aten::convolution_backward",
+                        "aten::mkldnn_convolution", "aten::convolution_backward",
                         "aten::cudnn_convolution", "aten::_convolution"),
     # bmm only runs in attention here (q k^T and weights v on the explicit path); SDPA's kernels by prefix.
     "attention": ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data",

@@ -31,7 +31,7 @@ from captioner.data.images import Preprocess  # noqa: E402
 from captioner.data.synthetic import write_synthetic  # noqa: E402
 from captioner.data.vocab import Vocabulary  # noqa: E402
 from captioner.decoding import SearchOptions, greedy  # noqa: E402
-from captioner.models.captioner import CaptionModel, Kernels  # noqa: E402
+from captioner.models.captioner import CaptionModel  # noqa: E402
 from captioner.training import caption_loss  # noqa: E402
 
 
@@ -41,15 +41,10 @@ def matmul_flops(n: int = 1024) -> float:
     return 2 * n**3 / t
 
 
-def count_flops(model: CaptionModel, fn) -> int:
-    """FLOPs of `fn()`, run with `model` on F.linear: oneDNN's linear op is invisible to the counter."""
-    kernels = model.kernels
-    model.use_kernels(Kernels(onednn_linear=False))
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        model.use_kernels(kernels)
+def count_flops(fn) -> int:
+    """FLOPs of `fn()`, as torch's FLOP counter sees them."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
 
 
@@ -68,11 +63,11 @@ def model_efficiency(peak: float) -> dict[str, float]:
         opt.step()
 
     model.train()
-    train_flops = count_flops(model, train_step)
+    train_flops = count_flops(train_step)
     train_t = time_it(train_step, repeat=5, warmup=2)
     model.eval()
     opts = SearchOptions(bos_id=1, eos_id=MATCHED["vocab_size"] + 7, max_len=TOKENS)
-    decode_flops = count_flops(model, lambda: greedy(model, images, opts))
+    decode_flops = count_flops(lambda: greedy(model, images, opts))
     decode_t = time_it(lambda: greedy(model, images, opts), repeat=3)
     return {
         "train_gflop_per_image": train_flops / B / 1e9,

@@ -246,7 +246,7 @@ def test_step_and_cached_forward_equal_the_whole_prefix_pass(encoder: str, norm_
     with torch.no_grad():
         memory = model.encode(images).memory
         want, want_cross = model.decode(memory, tokens, need_weights=True)  # (B, T, V), (L, B, H, T, N)
-    for kernels in (Kernels(), Kernels(onednn_linear=False, attention="explicit")):
+    for kernels in (Kernels(), Kernels(attention="explicit")):
         model.use_kernels(kernels)
         with torch.inference_mode():  # as decoding runs it
             state = model.start(memory)
@@ -301,7 +301,7 @@ def test_rows_sharing_an_images_keys_and_values_attend_like_copies() -> None:
             shared, w_shared = mha(query, None, None, cache=mha.precompute(memory), need_weights=True)
             copies, w_copies = mha(query, memory.repeat_interleave(3, 0), memory.repeat_interleave(3, 0),
                                    need_weights=True)
-        with torch.inference_mode():  # the decoding step's kernels (inference picks its own)
+        with torch.inference_mode():  # as a decoding step runs
             stepped, w_stepped = mha(query, None, None, cache=mha.precompute(memory), need_weights=True)
             stepped_fast, _ = mha(query, None, None, cache=mha.precompute(memory))
         torch.testing.assert_close(shared, copies)

@@ -5,7 +5,7 @@ Conventions of this module:
     mask    bool, True = query may attend to key (the convention of F.scaled_dot_product_attention),
             broadcastable to the scores (B, H, Tq, Tk). `causal_mask` and `padding_mask` build the usual ones.
 Decoder self-attention has Tq = Tk = T; cross-attention has Tk = N image regions.
-Which path computes the attention (fused SDPA or explicit) is the `Kernels` policy's call (kernels.py).
+Which path computes the attention (fused SDPA or explicit) is the `Kernels` switch's call (kernels.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import SCORES
-from captioner.models.kernels import Kernels, Linear
+from captioner.models.kernels import Kernels
 
 # ----------------------------------------------------------------------------------------------------------
 # Scoring functions: (..., Tq, Dq) queries and (..., Tk, Dk) keys -> (..., Tq, Tk) logits
@@ -259,7 +259,7 @@ class MultiHeadAttention(nn.Module):
     Self- and cross-attention are this one module: keys and values may come from another sequence of
     another length and width `d_kv` (the image memory). Two paths give one result: fused
     F.scaled_dot_product_attention, or explicit scores -> masked softmax -> weighted sum, which can
-    return per-head weights; the `kernels` policy picks one for each call.
+    return per-head weights; the `kernels` switch picks one (kernels.py).
     """
 
     def __init__(self, *, d_model: int, n_heads: int, dropout: float = 0.0, score: str = "scaled_dot",
@@ -268,13 +268,13 @@ class MultiHeadAttention(nn.Module):
         assert d_model % n_heads == 0, f"d_model ({d_model}) must be divisible by n_heads ({n_heads})"
         d_kv = d_kv or d_model
         self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
-        self.kernels = Kernels()  # the attention path's policy; `kernels.use_kernels` replaces it
-        self.to_q = Linear(d_model, d_model)
+        self.kernels = Kernels()  # the attention path's switch; `kernels.use_kernels` replaces it
+        self.to_q = nn.Linear(d_model, d_model)
         # W_K and W_V stacked in one (2D, d_kv) matrix: keys and values are projections of the same sequence,
         # so one matrix product gives both (rows :D are W_K, rows D: are W_V).
-        self.to_kv = Linear(d_kv, 2 * d_model)
+        self.to_kv = nn.Linear(d_kv, 2 * d_model)
         self.score = Score(score, n_heads=n_heads, d_q=self.d_head, d_k=self.d_head)
-        self.to_out = Linear(d_model, d_model)  # W_O: mixes the concatenated heads back into D
+        self.to_out = nn.Linear(d_model, d_model)  # W_O: mixes the concatenated heads back into D
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -284,15 +284,14 @@ class MultiHeadAttention(nn.Module):
         """Keys (B, H, Tk, Dh) = key W_K and values (B, H, Tk, Dh) = value W_V, in one product when key is value."""
         B, Tk, _ = key.shape
         if key is value:
-            kv = self.to_kv.forward(key).view(B, Tk, 2, self.n_heads, self.d_head)  # (B, Tk, 2, H, Dh)
+            kv = self.to_kv(key).view(B, Tk, 2, self.n_heads, self.d_head)  # (B, Tk, 2, H, Dh)
             # unbind, not two selects: its backward stacks the two gradients in one copy, where each
             # select's backward would zero-fill a whole (B, Tk, 2, H, Dh) tensor and then add them.
             k, v = kv.unbind(2)
             return k.transpose(1, 2), v.transpose(1, 2)
         D = self.n_heads * self.d_head
-        w, b, kernels = self.to_kv.weight, self.to_kv.bias, self.to_kv.kernels
-        return (self._split_heads(kernels.linear(key, w[:D], b[:D])),
-                self._split_heads(kernels.linear(value, w[D:], b[D:])))
+        w, b = self.to_kv.weight, self.to_kv.bias  # keys and values of two sequences: each half on its own
+        return self._split_heads(F.linear(key, w[:D], b[:D])), self._split_heads(F.linear(value, w[D:], b[D:]))
 
     def precompute(self, memory: torch.Tensor) -> KVCache:
         """Cross-attention keys and values of `memory` (B, N, d_kv), computed once per image and reused."""
@@ -312,8 +311,7 @@ class MultiHeadAttention(nn.Module):
         B, Tq, D = query.shape
         assert D == self.n_heads * self.d_head, f"query width {D} != d_model {self.n_heads * self.d_head}"
         assert mask is None or mask.dtype == torch.bool, f"mask must be bool (True = attend), got {mask.dtype}"
-        # The projections' forward, not their __call__: nn.Module.__call__ costs time on every decoding step.
-        q = self._split_heads(self.to_q.forward(query))  # (B, H, Tq, Dh)
+        q = self._split_heads(self.to_q(query))  # (B, H, Tq, Dh)
         if cache is not None and cache.frozen:
             k, v = cache.k, cache.v  # (B, H, N, Dh), computed once per image
         else:
@@ -323,7 +321,7 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.append(k, v)  # (B, H, past + Tk, Dh)
         out, weights = self._attend(q, k, v, mask, need_weights)
         out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H*Dh): heads concatenated
-        return self.to_out.forward(out), weights
+        return self.to_out(out), weights
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -353,7 +351,7 @@ class MultiHeadAttention(nn.Module):
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = masked_softmax(self.score.forward(q, k), mask)  # (B, H, Tq, Tk)
+        weights = masked_softmax(self.score(q, k), mask)  # (B, H, Tq, Tk)
         # Dropout acts on the weights that mix values; the returned weights are the undropped ones,
         # which sum to 1 and are what the overlays show.
         out = F.dropout(weights, p=self.dropout, training=self.training) @ v  # (B, H, Tq, Dh)
@@ -377,13 +375,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, *, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.to_hidden = Linear(d_model, d_ff)
+        self.to_hidden = nn.Linear(d_model, d_ff)
         self.dropout = nn.Dropout(dropout)
-        self.to_out = Linear(d_ff, d_model)
+        self.to_out = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), each position on its own."""
-        # GELU goes to the kernel with the product, which fuses the two where it can (oneDNN at inference).
-        hidden = self.to_hidden.kernels.linear(x, self.to_hidden.weight, self.to_hidden.bias, gelu=True)
-        # Dropout is the identity at inference: skipping its module call saves a decoding step time.
-        return self.to_out.forward(self.dropout.forward(hidden) if self.training else hidden)
+        return self.to_out(self.dropout(F.gelu(self.to_hidden(x))))

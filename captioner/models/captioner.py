@@ -32,7 +32,7 @@ class CaptionModel(nn.Module):
         # oneDNN and cuDNN run fastest.
         self.encoder = build_encoder(config).to(memory_format=torch.channels_last)
         self.decoder = TransformerDecoder(config)
-        self.kernels = Kernels()  # what every layer runs on; change it with use_kernels
+        self.kernels = Kernels()  # the attention path of every layer; change it with use_kernels
         self.step_graphs = StepGraphs()  # static decoding states (CUDA graphs on a GPU), kept across calls
         self._init_weights()
 
@@ -61,7 +61,7 @@ class CaptionModel(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(sums))
 
     def use_kernels(self, kernels: Kernels) -> CaptionModel:
-        """Run every layer on the kernels `kernels` picks (oneDNN linear or not, attention path); returns self."""
+        """Run every attention layer on the path `kernels` picks (fused SDPA or explicit); returns self."""
         use_kernels(self, kernels)
         return self
 

@@ -12,12 +12,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from captioner.config import ModelConfig
 from captioner.models.attention import FeedForward, KVCache, MultiHeadAttention, StaticKVCache, causal_mask
-from captioner.models.kernels import Linear
 from captioner.models.positional import sinusoidal_1d
 
 
@@ -61,15 +59,6 @@ class DecoderState:
         return None if self.index is None else self.self_caches[0].k.shape[2]
 
 
-# The decoder's hot path calls functions and submodules' `forward`, never `module(x)`: at batch 1 a decoding
-# step is short enough that nn.Module.__call__'s hook handling, around 50 calls a step, shows in its time.
-
-
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` without the nn.Module call."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
 class DecoderLayer(nn.Module):
     """Masked self-attention -> cross-attention to the memory -> feed-forward, each with residual + LayerNorm.
 
@@ -91,12 +80,12 @@ class DecoderLayer(nn.Module):
 
     def _input(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         """A sublayer's input: normalised (pre-LN) or the residual stream as is (post-LN)."""
-        return _layer_norm(norm, x) if self.norm_first else x
+        return norm(x) if self.norm_first else x
 
     def _add(self, norm: nn.LayerNorm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The residual sum x + dropout(out), normalised after (post-LN) or left as is (pre-LN)."""
-        x = x + (self.dropout.forward(out) if self.training else out)  # dropout is the identity at inference
-        return x if self.norm_first else _layer_norm(norm, x)
+        x = x + self.dropout(out)
+        return x if self.norm_first else norm(x)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, *, mask: torch.Tensor | None = None,
                 self_cache: KVCache | None = None, cross_cache: KVCache | None = None,
@@ -107,11 +96,11 @@ class DecoderLayer(nn.Module):
         `cross_cache` holds its keys and values. With caches, x continues the cached sequences.
         """
         h = self._input(self.norm1, x)
-        x = self._add(self.norm1, x, self.self_attn.forward(h, h, h, mask=mask, cache=self_cache)[0])
-        out, weights = self.cross_attn.forward(self._input(self.norm2, x), memory, memory, cache=cross_cache,
-                                               need_weights=need_weights)
+        x = self._add(self.norm1, x, self.self_attn(h, h, h, mask=mask, cache=self_cache)[0])
+        out, weights = self.cross_attn(self._input(self.norm2, x), memory, memory, cache=cross_cache,
+                                       need_weights=need_weights)
         x = self._add(self.norm2, x, out)
-        x = self._add(self.norm3, x, self.ff.forward(self._input(self.norm3, x)))
+        x = self._add(self.norm3, x, self.ff(self._input(self.norm3, x)))
         return x, weights
 
 
@@ -128,7 +117,7 @@ class TransformerDecoder(nn.Module):
         # Pre-LN leaves the residual stream unnormalised, so it needs a final norm; post-LN already ends on one.
         self.norm = nn.LayerNorm(D) if config.norm_first else nn.Identity()
         # Tied output layer (Press & Wolf): the logit of word v is the similarity of the state to v's embedding.
-        self.head = Linear(D, config.vocab_size, bias=False)
+        self.head = nn.Linear(D, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight
         self._positions = torch.empty(0)  # sinusoidal_1d rows computed so far: a decoding step reads one
 
@@ -152,12 +141,12 @@ class TransformerDecoder(nn.Module):
         B, T = tokens.shape
         # x sqrt(D) as in Vaswani et al.: the tied embedding's rows stay small (they are also the output
         # layer), and the scaling lets the token signal keep up with the unit-scale positions.
-        x = self.embed.forward(tokens) * math.sqrt(self.d_model)  # (B, T, D)
+        x = self.embed(tokens) * math.sqrt(self.d_model)  # (B, T, D)
         if isinstance(offset, torch.Tensor):  # a static step: the table was grown to capacity by `start`
             x = x + self._positions.index_select(0, offset).to(x.dtype)
         else:
             x = x + self.positions(offset, T, x)
-        return self.dropout.forward(x) if self.training else x
+        return self.dropout(x)
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor | None, *, pad_mask: torch.Tensor | None = None,
                 need_weights: bool = False,
@@ -198,14 +187,14 @@ class TransformerDecoder(nn.Module):
         x = self._embed(tokens, offset=offset)  # (B, T, D)
         crosses = []
         for layer, self_cache, cross_cache in zip(self.layers, self_caches, cross_caches, strict=True):
-            x, weights = layer.forward(x, memory, mask=mask, self_cache=self_cache, cross_cache=cross_cache,
-                                       need_weights=need_weights)
+            x, weights = layer(x, memory, mask=mask, self_cache=self_cache, cross_cache=cross_cache,
+                               need_weights=need_weights)
             crosses.append(weights)
         if state is not None:
             state.position += T
             if state.index is not None:
                 state.index += T  # in place: a captured step advances its own position
-        logits = self.head.forward(self.norm.forward(x))  # (B, T, V)
+        logits = self.head(self.norm(x))  # (B, T, V)
         return logits, (torch.stack(crosses) if need_weights else None)  # (L, B, H, T, N)
 
     def start(self, memory: torch.Tensor, *, per_image: int = 1, capacity: int | None = None) -> DecoderState:
@@ -248,5 +237,5 @@ class TransformerDecoder(nn.Module):
         """
         assert tokens.dim() == 1, f"step takes one token per row (B,), got {tuple(tokens.shape)}"
         assert not self.training, "step is for inference: train on whole prefixes (forward)"
-        logits, cross = self.forward(tokens[:, None], None, state=state, need_weights=need_weights)
+        logits, cross = self(tokens[:, None], None, state=state, need_weights=need_weights)
         return logits[:, 0], (None if cross is None else cross[:, :, :, 0])  # (B, V), (L, B, H, N)

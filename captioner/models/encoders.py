@@ -24,7 +24,6 @@ from torch import nn
 from captioner.config import VIT_STEM_STRIDES, ModelConfig
 from captioner.errors import ConfigError
 from captioner.models.attention import FeedForward, MultiHeadAttention
-from captioner.models.kernels import Linear
 from captioner.models.positional import sinusoidal_2d
 
 
@@ -278,7 +277,7 @@ class CNNEncoder(Encoder):
             stages = OrderedDict((name, getattr(resnet, name)) for name in names)
         self.stages = list(stages)
         self.backbone = nn.Sequential(stages)
-        self.proj = Linear(_out_channels(self.backbone[-1]), config.d_model)
+        self.proj = nn.Linear(_out_channels(self.backbone[-1]), config.d_model)
         self.norm = nn.LayerNorm(config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.setup_backbone(config, config.cnn_arch)
@@ -446,7 +445,7 @@ class TorchvisionViTEncoder(Encoder):
         # The ImageNet classifier is not used; replacing it keeps every remaining parameter trained.
         self.backbone.heads = nn.Identity()
         width = self.backbone.hidden_dim
-        self.proj = Linear(width, config.d_model)
+        self.proj = nn.Linear(width, config.d_model)
         self.norm = nn.LayerNorm(config.d_model)
         self.setup_backbone(config, "vit_b_16")
 
