@@ -207,13 +207,13 @@ async def _caption(service: Service, admission: Admission, uploads: list[Upload]
 
 
 @api.post("/attend", openapi_extra=IMAGES_BODY)
-async def attend(request: Request, beam: Beam = 1, max_len: MaxLen = 30,
+async def attend(request: Request, beam: Beam = 1, n_best: NBest = 1, max_len: MaxLen = 30,
                  layer: Annotated[str, Query(description="Decoder layer: last, all (mean) or an index.")] = "last",
                  overlays: Annotated[bool, Query(description="Add a PNG overlay per word (base64).")] = False,
                  ) -> dict[str, Any]:
     """Caption images with each word's cross-attention map over the encoder grid, as `captioner attend` draws it."""
     service = service_of(request)
-    settings = decode_settings(beam=beam, max_len=max_len)
+    settings = decode_settings(beam=beam, n_best=n_best, max_len=max_len)
     try:
         chosen = parse_layer(layer)
         check_layer(chosen, service.captioner.model.config.n_layers)
@@ -242,7 +242,7 @@ def _attention_record(name: str, image: Image.Image, caption: Caption, layer: in
     assert caption.cross is not None and caption.grid is not None, "captioned with need_weights=True"
     words = caption.words
     maps = select_maps(caption.cross[: len(words)].numpy(), caption.grid, layer=layer)  # (T, h, w): drop <eos>
-    record = {**caption_record(name, caption), "words": words, "grid": list(caption.grid),
+    record = {**caption_record(name, caption, n_best=True), "words": words, "grid": list(caption.grid),
               "maps": np.round(maps, 5).tolist()}
     if overlays:
         small = image.copy()
