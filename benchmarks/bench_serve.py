@@ -1,0 +1,337 @@
+"""`captioner serve` under load on loopback, against `captioner caption --batch-size 32` on the same photos.
+
+Writes N photos (scenes of the built-in world as JPEGs), then, each in its own process:
+- `captioner caption DIR --batch-size 32 --json`: its images/s excluding start-up (the same command on one
+  photo is subtracted), and its captions, which every good answer of the server must equal;
+- `Captioner.caption` on one photo at a time (in this process): the latency a lone client is held to;
+- `captioner serve` on 127.0.0.1 with 1, 8 and 32 clients (threads, one keep-alive connection each, one photo
+  per POST /v1/caption): images/s, p50/p99 latency, the server's peak RSS, and the batches it formed.
+With --soak N: N requests from 32 clients, 10 % of them bad (a truncated JPEG, a text file, a decompression
+bomb, a 30 MB upload, a wrong parameter), checking zero 5xx, each refusal's status and exact line, each good
+caption against the CLI's, and the server's RSS in the first and last quarter of the requests.
+Every loop is bounded in requests and in seconds; only 127.0.0.1 is contacted.
+
+    python benchmarks/bench_serve.py --model /tmp/serve_run
+    python benchmarks/bench_serve.py --model /tmp/serve_run --soak 2000 --clients 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BOUNDARY = "captioner-bench-boundary"
+LIMIT_MB = 20  # the server's default upload cap
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_photos(folder: Path, n: int, size: int) -> list[Path]:
+    """N scenes of the built-in world (`captioner data synth`) saved as JPEG, quality 90."""
+    scenes = folder / "scenes"
+    subprocess.run([sys.executable, "-m", "captioner", "data", "synth", "--out", str(scenes), "--n", str(n),
+                    "--split", "test", "--image-size", str(size)], check=True, capture_output=True)
+    photos = folder / "photos"
+    photos.mkdir()
+    paths = []
+    for png in sorted((scenes / "images").iterdir()):
+        path = photos / f"{png.stem}.jpg"
+        Image.open(png).convert("RGB").save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    """One file as a multipart/form-data body, and its content type."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
+
+
+# ----------------------------------------------------------------------------- the references
+
+
+def cli_captions(run: str, paths: list[Path], batch_size: int) -> tuple[dict[str, str], float]:
+    """`captioner caption` on the photos: {file name: caption}, and images/s excluding start-up."""
+    def timed(files: list[Path]) -> tuple[float, list[dict]]:
+        command = [sys.executable, "-m", "captioner", "caption", *map(str, files), "--model", run, "--json",
+                   "--batch-size", str(batch_size), "--device", "cpu", "--precision", "fp32"]
+        start = time.perf_counter()
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return time.perf_counter() - start, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    one, _ = timed(paths[:1])
+    every, records = timed(paths)
+    return {Path(r["image"]).name: r["caption"] for r in records}, (len(paths) - 1) / max(every - one, 1e-9)
+
+
+def library_latency(run: str, paths: list[Path], n: int) -> float:
+    """Median seconds of `Captioner.caption` on one photo (the model already loaded)."""
+    from captioner.api import Captioner
+
+    captioner = Captioner.load(run, device="cpu", precision="fp32")
+    captioner.caption(paths[0])
+    times = []
+    for path in paths[:n]:
+        start = time.perf_counter()
+        captioner.caption(path)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: str, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "captioner", "serve", "--model", run, "--port", str(port), "--device", "cpu",
+               "--precision", "fp32"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if request(port, "GET", "/healthz")[0] == 200:
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"the server did not start; see {log}")
+
+
+def request(port: int, method: str, path: str, body: bytes = b"", content_type: str = "",
+            connection: http.client.HTTPConnection | None = None) -> tuple[int, dict]:
+    """(status, JSON answer) of one request, on `connection` or a fresh one."""
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"Content-Type": content_type} if content_type else {}
+    conn.request(method, path, body=body or None, headers=headers)
+    answer = conn.getresponse()
+    data = answer.read()
+    if connection is None:
+        conn.close()
+    return answer.status, json.loads(data) if data else {}
+
+
+def memory(pid: int) -> dict[str, int]:
+    """The process's resident set now and at its peak (VmRSS, VmHWM), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) // 1024 for key in ("VmRSS", "VmHWM")}
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class Job:
+    """One request to send and what its answer must be."""
+
+    path: str
+    body: bytes
+    content_type: str
+    check: Callable[[int, dict], str | None]  # None when the answer is right, else what is wrong
+
+
+@dataclass
+class Outcome:
+    latencies: list[float] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    rss: list[tuple[int, int]] = field(default_factory=list)  # (requests done, MiB) samples
+
+
+def drive(port: int, jobs: list[Job], clients: int, seconds: float, pid: int) -> Outcome:
+    """Send the jobs from `clients` threads (each its own connection) until done or out of time."""
+    outcome, lock = Outcome(), threading.Lock()
+    queue = iter(enumerate(jobs))
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while time.monotonic() < deadline:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                break
+            _, job = item
+            start = time.perf_counter()
+            try:
+                status, answer = request(port, "POST", job.path, job.body, job.content_type, conn)
+            except (OSError, http.client.HTTPException) as err:
+                status, answer = 0, {"error": f"{type(err).__name__}: {err}"}
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            elapsed = time.perf_counter() - start
+            problem = job.check(status, answer)
+            with lock:
+                outcome.latencies.append(elapsed)
+                outcome.statuses.append(status)
+                if problem:
+                    outcome.problems.append(problem)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        outcome.rss.append((len(outcome.statuses), memory(pid)["VmRSS"]))
+        time.sleep(0.25)
+    for t in threads:
+        t.join()
+    return outcome
+
+
+def good_job(path: Path, expected: dict[str, str]) -> Job:
+    body, content_type = multipart(path.name, path.read_bytes())
+
+    def check(status: int, answer: dict) -> str | None:
+        if status != 200:
+            return f"{path.name}: {status} {answer}"
+        got = answer["results"][0]["caption"]
+        return None if got == expected[path.name] else f"{path.name}: server {got!r} != cli {expected[path.name]!r}"
+
+    return Job("/v1/caption", body, content_type, check)
+
+
+def bad_jobs(folder: Path) -> list[Job]:
+    """The five kinds of bad request, each with the status and the exact line it must get."""
+    from captioner.data.images import load_image
+    from captioner.errors import ImageError
+
+    def reason(name: str, data: bytes) -> str:
+        (folder / name).write_bytes(data)
+        try:
+            load_image(folder / name)
+        except ImageError as err:
+            return f"{name}: {err.reason}"
+        raise AssertionError(f"{name} should not load")
+
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo, "JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, "PNG")
+    files = {"cut.jpg": photo.getvalue()[:2000], "notes.txt": b"not a photo\n", "bomb.png": bomb.getvalue()}
+    jobs = [expect("/v1/caption", *multipart(name, data), 400, reason(name, data)) for name, data in files.items()]
+    big = bytes(30 * 2**20)
+    too_large = f"upload too large: the limit is {LIMIT_MB} MB per request"
+    jobs.append(expect("/v1/caption", big, "image/jpeg", 413, too_large))
+    jobs.append(expect("/v1/caption?beam=0", *multipart("a.jpg", photo.getvalue()), 422,
+                       "beam: Input should be greater than or equal to 1"))
+    return jobs
+
+
+def expect(path: str, body: bytes, content_type: str, status: int, line: str) -> Job:
+    def check(got: int, answer: dict) -> str | None:
+        if (got, answer.get("error")) == (status, line):
+            return None
+        return f"{path}: wanted {status} {line!r}, got {got} {answer}"
+
+    return Job(path, body, content_type, check)
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def summary(outcome: Outcome, seconds: float) -> dict:
+    ms = sorted(t * 1000 for t in outcome.latencies)
+    return {"requests": len(ms), "images_per_s": round(len(ms) / seconds, 1),
+            "p50_ms": round(ms[len(ms) // 2], 1), "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 1),
+            "5xx": sum(s >= 500 or s == 0 for s in outcome.statuses), "problems": len(outcome.problems)}
+
+
+def load_levels(port: int, pid: int, paths: list[Path], expected: dict[str, str], args: argparse.Namespace) -> dict:
+    results = {}
+    for clients in args.clients:
+        jobs = [good_job(paths[i % len(paths)], expected) for i in range(args.requests)]
+        start = time.perf_counter()
+        outcome = drive(port, jobs, clients, args.seconds, pid)
+        row = summary(outcome, time.perf_counter() - start)
+        row["server_peak_rss_mb"] = memory(pid)["VmHWM"]
+        row["first_problems"] = outcome.problems[:3]
+        results[clients] = row
+        print(f"{clients:>3} clients: {row}", flush=True)
+    return results
+
+
+def soak(port: int, pid: int, paths: list[Path], expected: dict[str, str], folder: Path, n: int,
+         seconds: float) -> dict:
+    bad = bad_jobs(folder)
+    jobs = [bad[(i // 10) % len(bad)] if i % 10 == 9 else good_job(paths[i % len(paths)], expected) for i in range(n)]
+    start = time.perf_counter()
+    outcome = drive(port, jobs, 32, seconds, pid)
+    row = summary(outcome, time.perf_counter() - start)
+    done = len(outcome.statuses)
+    first = [m for k, m in outcome.rss if k <= done / 4] or [outcome.rss[0][1]]
+    last = [m for k, m in outcome.rss if k >= 3 * done / 4] or [outcome.rss[-1][1]]
+    row.update(bad=sum(1 for i in range(done) if i % 10 == 9), statuses=dict(sorted(
+        {s: outcome.statuses.count(s) for s in set(outcome.statuses)}.items())),
+        rss_first_quarter_mb=round(statistics.mean(first)), rss_last_quarter_mb=round(statistics.mean(last)),
+        first_problems=outcome.problems[:5])
+    row["rss_growth"] = round(row["rss_last_quarter_mb"] / row["rss_first_quarter_mb"] - 1, 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="run directory to serve")
+    parser.add_argument("--photos", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256, help="side of the photos")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=256, help="requests per level")
+    parser.add_argument("--seconds", type=float, default=60, help="time limit per level")
+    parser.add_argument("--soak", type=int, default=0, help="requests of the soak (0: none)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("CAPTIONER_BENCH_THREADS", 2)))
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server and the CLI inherit it
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = make_photos(folder, args.photos, args.size)
+        expected, cli_rate = cli_captions(args.model, paths, 32)
+        latency = library_latency(args.model, paths, 32)
+        print(f"captioner caption --batch-size 32: {cli_rate:.1f} images/s; Captioner.caption on one photo: "
+              f"{latency * 1000:.1f} ms", flush=True)
+        port = free_port()
+        server = start_server(args.model, port, folder / "server.log")
+        try:
+            results = {"cli_images_per_s": round(cli_rate, 1), "library_one_ms": round(latency * 1000, 1),
+                       "threads": args.threads, "photos": args.photos, "size": args.size,
+                       "levels": load_levels(port, server.pid, paths, expected, args)}
+            if args.soak:
+                results["soak"] = soak(port, server.pid, paths, expected, folder, args.soak, max(args.seconds, 600))
+                print(f"soak: {results['soak']}", flush=True)
+            results["health"] = request(port, "GET", "/healthz")[1]
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    print(json.dumps(results, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
