@@ -131,8 +131,9 @@ def test_attend_returns_a_map_per_word_and_overlays_on_request(client: TestClien
     assert len(result["overlays"]) == len(result["words"])
     overlay = Image.open(io.BytesIO(base64.b64decode(result["overlays"][0])))
     assert overlay.format == "PNG" and overlay.size == (64, 32)  # the photo itself, never enlarged
-    plain = client.post("/v1/attend", content=jpeg(1), headers={"content-type": "image/jpeg"})
-    assert "overlays" not in plain.json()["results"][0]
+    plain = client.post("/v1/attend", content=jpeg(1), headers={"content-type": "image/jpeg"},
+                        params={"beam": 2, "n_best": 2, "max_len": 5})
+    assert "overlays" not in plain.json()["results"][0] and len(plain.json()["results"][0]["n_best"]) == 2
 
 
 def test_model_describes_the_run_without_server_paths(client: TestClient, captioner: Captioner, tiny: Path) -> None:

@@ -6,6 +6,7 @@ request timeout), then runs the app's shutdown, which stops the batcher; only th
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -30,4 +31,6 @@ def serve(settings: ServeSettings, *, model: str | Path | None = None, which: st
     config = uvicorn.Config(create_app(captioner, settings), host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=int(settings.timeout_s) + 1, server_header=False,
                             log_level="info")
-    uvicorn.Server(config).run()
+    # uvicorn re-raises Ctrl-C once it has shut down; for a server that is the way to stop, not an error
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()

@@ -8,7 +8,6 @@ the error is renamed from that file to the name the client gave. The client neve
 from __future__ import annotations
 
 import itertools
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,7 +68,5 @@ class UploadReader:
 
 
 def private_folder() -> tempfile.TemporaryDirectory:
-    """A temporary folder only this user can read, for uploads on their way through the loader."""
-    folder = tempfile.TemporaryDirectory(prefix="captioner-serve-")
-    os.chmod(folder.name, 0o700)
-    return folder
+    """A temporary folder for uploads on their way through the loader (mkdtemp makes it readable by this user only)."""
+    return tempfile.TemporaryDirectory(prefix="captioner-serve-")
