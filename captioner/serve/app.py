@@ -227,9 +227,9 @@ async def attend(request: Request, beam: Beam = 1, n_best: NBest = 1, max_len: M
 
 async def _attend(service: Service, admission: Admission, uploads: list[Upload], settings: DecodeSettings,
                   layer: int | str, overlays: bool) -> list[dict[str, Any]]:
-    images = await service.open_all(uploads, service.reader.image)  # whole and upright: overlays are drawn on it
-    tensors = [service.captioner.preprocess(image) for image in images]
-    captions = await service.batcher.caption(admission, tensors, settings, need_weights=True)
+    opened = await service.open_all(uploads, service.reader.image_and_tensor)
+    images = [image for image, _ in opened]  # whole and upright: overlays are drawn on them
+    captions = await service.batcher.caption(admission, [t for _, t in opened], settings, need_weights=True)
     loop = asyncio.get_running_loop()
     return list(await asyncio.gather(*(
         loop.run_in_executor(service.threads, _attention_record, u.name, image, c, layer, overlays)

@@ -50,9 +50,10 @@ class UploadReader:
         """The model input (3, S, S), opened as `Captioner.caption` opens a file (JPEG draft decoding)."""
         return self._through_file(upload, lambda path: self.captioner.to_tensor([path])[0])
 
-    def image(self, upload: Upload) -> Image.Image:
-        """The whole upright RGB image, as `captioner attend` opens it to draw on."""
-        return self._through_file(upload, load_image)
+    def image_and_tensor(self, upload: Upload) -> tuple[Image.Image, torch.Tensor]:
+        """The whole upright RGB image (to draw on) and its model input, as `captioner attend` opens a file."""
+        image = self._through_file(upload, load_image)
+        return image, self.captioner.preprocess(image)
 
     def _through_file(self, upload: Upload, open_file: Callable[[Path], T]) -> T:
         path = self.folder / f"{next(self._ids)}.upload"
