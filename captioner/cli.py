@@ -178,6 +178,8 @@ def train(
                           ] = None,
     scheduled_sampling: Annotated[float | None, typer.Option(min=0.0, max=1.0,
                                                              help="Final prob. of feeding own tokens.")] = None,
+    concept_loss: Annotated[float | None, typer.Option(min=0.0, max=100.0, help=(
+        "Weight of the loss that asks the image which words its captions contain; 0 = off."))] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Processes decoding images for training (default: "
                                                 "a share of the cores for datasets, 0 for the built-in world).")
                        ] = None,
@@ -226,7 +228,8 @@ def train(
                captions_per_image=captions_per_image, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
-               scheduled_sampling=scheduled_sampling, workers=workers, backbone_lr=backbone_lr,
+               scheduled_sampling=scheduled_sampling, concept_loss=concept_loss, workers=workers,
+               backbone_lr=backbone_lr,
                freeze_backbone_epochs=freeze_backbone_epochs, min_count=min_count, max_vocab=max_vocab,
                feature_cache=feature_cache)
     # --set may name a field that has its own option too (--set cnn_arch=resnet18): it wins, as the later word.
@@ -364,7 +367,8 @@ def _print_result(result: Any) -> None:
         table.add_row(key, f"{best:.4g}" if isinstance(best, float) else str(best),
                       f"{last:.4g}" if isinstance(last, float) else str(last))
     console.print(table)
-    console.print(f"{result.steps} steps in {result.seconds:.0f} s. Caption with: captioner caption IMAGE "
+    console.print(f"{result.steps} steps in {result.seconds:.0f} s ({result.stopped}). "
+                  "Caption with: captioner caption IMAGE "
                   f"--model {_plain(result.run_dir)}")
 
 
@@ -683,48 +687,6 @@ def _show_dataset_report(report: dict[str, Any]) -> None:
         console.print(f"[yellow]note:[/] {_plain(note)}")
     for warning in report["warnings"]:
         console.print(f"[bold red]warning:[/] {_plain(warning)}")
-
-
-# ----------------------------------------------------------------------------- serve
-
-
-@app.command()
-@user_errors
-def serve(
-    model: Model = None,
-    checkpoint_: Checkpoint = Which.best,
-    host: Annotated[str, typer.Option(help="Address to listen on; any but loopback needs --token or --no-auth.")
-                    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
-    token: Annotated[str | None, typer.Option(envvar="CAPTIONER_TOKEN", show_default=False, help=(
-        "Bearer token every /v1 request must carry (Authorization: Bearer ...); the variable keeps it out of ps."))
-    ] = None,
-    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve a non-loopback host with no token (e.g. behind "
-                                          "a proxy that authenticates).")] = False,
-    cors: Annotated[list[str] | None, typer.Option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN call "
-                                                   "the API (repeatable; default: none).")] = None,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, max=1024.0, help="Largest request body.")] = 20.0,
-    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Images captioned at once.")] = 32,
-    batch_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long a batch waits for "
-                                                 "requests still arriving.")] = 5.0,
-    queue_limit: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before an unanswered request gets 503.")] = 60.0,
-    device: Annotated[Device, typer.Option()] = Device.auto,
-    precision: InferPrecision = Precision.auto,
-) -> None:
-    """Serve a web page and a JSON API (docs at /docs) that caption uploaded images and show the attention."""
-    from captioner.serve import missing_extra
-
-    problem = missing_extra()
-    if problem:
-        raise ConfigError(problem)
-    from captioner.serve.server import serve as run_server
-    from captioner.serve.settings import MB, ServeSettings
-
-    settings = ServeSettings(host=host, port=port, token=token, no_auth=no_auth, cors=tuple(cors or ()),
-                             max_upload_bytes=int(max_upload_mb * MB), max_batch=max_batch,
-                             batch_wait_ms=batch_wait_ms, queue_limit=queue_limit, timeout_s=timeout)
-    run_server(settings, model=model, which=checkpoint_.value, device=device.value, precision=precision.value)
 
 
 # ----------------------------------------------------------------------------- serve

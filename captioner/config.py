@@ -179,6 +179,9 @@ class ModelConfig:
     pretrained: bool = False
     backbone_weights: str | None = None  # local state-dict file for the backbone (read, never downloaded)
     freeze_backbone: bool = False  # keep backbone weights fixed (decided here, applied once in the encoder)
+    # A head that predicts from the pooled memory which words the image's captions contain, trained beside
+    # the captions (--concept-loss): set from the training options, unused at inference.
+    concept_head: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -302,13 +305,14 @@ TRAIN_INTS: dict[str, tuple[int, int | None]] = dict(
 # None = not set: each field says what it then means
 OPTIONAL_INTS = ("epochs", "max_steps", "val_every", "early_stop", "workers", "min_count")
 TRAIN_NUMBERS = dict(lr=(0.0, 1.0), weight_decay=(0.0, 10.0), grad_clip=(0.0, 1e9), label_smoothing=(0.0, 0.99),
-                     scheduled_sampling=(0.0, 1.0))
+                     scheduled_sampling=(0.0, 1.0), concept_loss=(0.0, 100.0))
 
 # Training options saved under an earlier name by older runs, so they still resume: old name -> new name.
 RENAMED = {"images": "image_dir"}
 
-# Model fields that are not options: the vocabulary sets them when a run starts.
+# Model fields that are not options: the vocabulary sets them when a run starts (the concept head: --concept-loss).
 FROM_VOCABULARY = ("vocab_size", "pad_id")
+DERIVED_MODEL_FIELDS = (*FROM_VOCABULARY, "concept_head")
 
 
 @dataclass
@@ -351,6 +355,10 @@ class TrainConfig:
     # trained for its default length (so it trains until it stops improving), never on the built-in world.
     early_stop: int | None = None
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own token (ramped linearly)
+    # Weight of the visual-concept loss (Fang et al. 2015): the encoder must say which words the image's
+    # captions contain, a direct signal to an encoder trained from scratch, which the caption loss alone
+    # reaches only through the decoder. 0 = off (and no concept head in the model).
+    concept_loss: float = 0.0
     # Scenes in the built-in world's splits: enough training scenes that the default runs cannot learn
     # them by heart before the schedule ends.
     synth_train: int = 30000
@@ -403,9 +411,10 @@ class TrainConfig:
         """The model these options describe: preset, encoder, then the overrides in `extra`."""
         if not isinstance(self.extra, dict):
             raise ConfigError(f"model options must be a table of field = value, got {self.extra!r}")
-        for name in FROM_VOCABULARY:
+        for name in DERIVED_MODEL_FIELDS:
             if name in self.extra:
-                raise ConfigError(f"model option {name} is set from the vocabulary; drop it")
+                source = "--concept-loss" if name == "concept_head" else "the vocabulary"
+                raise ConfigError(f"model option {name} is set from {source}; drop it")
         if "encoder" in self.extra:
             raise ConfigError("choose the encoder with --encoder (or `encoder` at the top of a config file), "
                               "not as a model option")
@@ -413,9 +422,10 @@ class TrainConfig:
         unknown = set(self.extra) - known
         if unknown:
             raise ConfigError(f"unknown model options: {_names(unknown)} "
-                              f"(known: {', '.join(sorted(known - set(FROM_VOCABULARY) - {'encoder'}))})")
+                              f"(known: {', '.join(sorted(known - set(DERIVED_MODEL_FIELDS) - {'encoder'}))})")
         try:
-            return preset(self.preset, encoder=self.encoder, vocab_size=vocab_size, pad_id=pad_id, **self.extra)
+            return preset(self.preset, encoder=self.encoder, vocab_size=vocab_size, pad_id=pad_id,
+                          concept_head=self.concept_loss > 0, **self.extra)
         except TypeError as err:  # a value of the wrong type (a string where a number belongs)
             raise ConfigError(f"model options: {err}") from err
 
@@ -637,7 +647,10 @@ def _resolve_scst(options: dict[str, Any], model_options: dict[str, Any], saved:
         flags = ", ".join(_name("--" + str(k).replace("_", "-")) for k in unused)
         raise ConfigError(f"{flags}: not used by --scst, which fine-tunes the run as it is "
                           f"(its options: {', '.join('--' + k.replace('_', '-') for k in SCST_OPTIONS)})")
-    merged = {**_table(saved.get("train"), "train"), **SCST_DEFAULTS, **options}
+    defaults = dict(SCST_DEFAULTS)
+    if options.get("time_limit") is not None and "epochs" not in options and "max_steps" not in options:
+        defaults["epochs"] = None  # the time given is used: the run's default length, cut by the clock
+    merged = {**_table(saved.get("train"), "train"), **defaults, **options}
     unknown = set(scst) - {f.name for f in dataclasses.fields(SCSTConfig)}
     if unknown:
         raise ConfigError(f"unknown SCST options: {_names(unknown)}")

@@ -52,7 +52,7 @@ class EvalReport:
             out.update({f"claims_{k}": round(v, 4) for k, v in self.claims.items()})
         if self.grounding is not None:
             out.update({f"grounding_{k}": round(v, 4) for k, v in self.grounding.items()})
-        for key in ("distinct_share", "vocab_used", "mean_length", "collapsed"):
+        for key in ("distinct_share", "most_common_share", "vocab_used", "mean_length", "collapsed"):
             if key in self.diversity:
                 value = self.diversity[key]
                 out[key] = round(value, 4) if isinstance(value, float) else value

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner import checkpoint, evaluation
+from captioner.concepts import concept_loss_sum, concept_words
 from captioner.config import ModelConfig, TrainConfig
+from captioner.curves import draw_curves
 from captioner.data.dataset import Batch, CaptionDataset, make_loader
 from captioner.data.images import Preprocess, train_transform
 from captioner.data.sources import Sample, SampleList, check_images, load_samples, split_or_whole
@@ -125,15 +127,23 @@ class TimeBudget:
 SELECTED_BY = {False: "CIDEr-D", True: "caption accuracy"}  # what `best` is kept by, on data without/with truth
 
 
+# A collapsed validation (the same few sentences for every image) ranks as if it scored this much less, so
+# `best` is never a collapsed checkpoint when one that describes the images scored within 5 % of it.
+COLLAPSED_DISCOUNT = 0.95
+
+
 def selection_score(record: dict[str, Any], knows_truth: bool) -> tuple[float, ...]:
     """How a validation record ranks for `best`: CIDEr-D; on scenes that know their truth, accuracy first.
 
     On the built-in world the checker's accuracy is the truth and CIDEr-D only a proxy for it that can
     disagree by a lot (one run: CIDEr-D 6.928 at 86 % validation accuracy against 6.925 at 92 %), so
-    accuracy ranks and CIDEr-D breaks ties. On a dataset CIDEr-D ranks, as is usual for captioning.
+    accuracy ranks and CIDEr-D breaks ties. On a dataset CIDEr-D ranks, as is usual for captioning,
+    discounted when the captions collapsed (COLLAPSED_DISCOUNT).
     """
     cider = float(record.get("CIDEr-D", 0.0))
-    return (float(record.get("accuracy", 0.0)), cider) if knows_truth else (cider,)
+    if knows_truth:
+        return float(record.get("accuracy", 0.0)), cider
+    return (cider * COLLAPSED_DISCOUNT if record.get("collapsed") else cider,)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, *, pad_id: int,
@@ -192,6 +202,7 @@ class TrainResult:
     steps: int
     epochs: int
     seconds: float
+    stopped: str = ""  # why the run ended, in a few words
     best: dict[str, Any] = field(default_factory=dict)  # validation record of the best checkpoint
     last: dict[str, Any] = field(default_factory=dict)  # the final validation record
 
@@ -207,6 +218,7 @@ class Data:
     model_config: ModelConfig
     knows_truth: bool  # built-in world scenes: `best` is kept by caption accuracy
     splits: dict[str, int]
+    concepts: torch.Tensor | None = None  # (V,) bool: the words the concept loss asks for; None without one
 
 
 @dataclass
@@ -255,8 +267,30 @@ class Run:
 
     def stopping(self) -> bool:
         """The last step was taken, or early stop's patience ran out."""
+        return self.step >= self.total_steps or self.converged()
+
+    def converged(self) -> bool:
+        """Early stop: `patience` validations after the warm-up without a better `best`.
+
+        The default patience also waits for half the schedule: before it, a run whose learning rate is still
+        high is noisy, not finished, and a time limit the user gave should be used unless the run truly stalls.
+        """
         patience = self.cfg.resolved_early_stop()
-        return self.step >= self.total_steps or (patience is not None and self.stale >= patience)
+        if patience is None or self.stale < patience:
+            return False
+        return self.cfg.early_stop is not None or self.step >= self.total_steps // 2
+
+    def stop_reason(self) -> str:
+        """Why the run ends here, in a few words (for the end of the run's output)."""
+        if self.step >= self.total_steps:
+            fitted = f", fitted to the {self.time_limit:g}-min limit," if self.budget is not None else ""
+            return f"the learning-rate schedule{fitted} ended"
+        if self.converged():
+            return (f"early stop: no {SELECTED_BY[self.data.knows_truth]} gain in the last {self.stale} "
+                    "validations")
+        if self.out_of_time:
+            return f"the {self.time_limit:g}-min time limit was reached"
+        return "stopped"
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -401,8 +435,9 @@ def load_data(cfg: TrainConfig, saved: dict[str, Any] | None, emit: Event, *,
     if train_set.truncated:
         emit("warning", {"message": f"{train_set.truncated} training captions are longer than {cfg.max_len} "
                                     f"words: the model learns their first {cfg.max_len} only"})
+    concepts = concept_words([s.captions for s in by_split["train"]], vocab) if model_config.concept_head else None
     return Data(train_set, val_samples, vocab, preprocess, model_config, evaluation.knows_truth(val_samples),
-                {k: len(v) for k, v in by_split.items()})
+                {k: len(v) for k, v in by_split.items()}, concepts)
 
 
 def _samples_by_split(cfg: TrainConfig, emit: Event, skip_bad_images: bool) -> dict[str, list[Sample]]:
@@ -575,34 +610,48 @@ def grad_scaler(plan: PrecisionPlan) -> torch.amp.GradScaler | None:
 
 
 def cross_entropy_step(run: Run, group: list[Batch]) -> dict[str, Any]:
-    """One teacher-forced optimiser step over `group` (--accumulate batches); the loss and gradient norm (tensors).
+    """One teacher-forced optimiser step over `group` (--accumulate batches); the losses and gradient norm (tensors).
 
-    Each batch adds its summed token losses divided by the group's token count, so N batches of B images
-    make the same update as one batch of N*B. DDP averages gradients only after the last batch (no_sync).
+    Each batch adds its summed token losses divided by the group's token count (and its summed concept
+    losses divided by the group's image count), so N batches of B images make the same update as one
+    batch of N*B. DDP averages gradients only after the last batch (no_sync).
     """
     tokens = sum(int(b.lengths.sum()) for b in group)  # real target tokens; CPU tensors: no device sync
+    images = sum(len(b) for b in group)
     run.optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=run.device)
+    caption_total = torch.zeros((), device=run.device)
+    concept_total = torch.zeros((), device=run.device)
     for i, batch in enumerate(group):
         with _sync_gradients(run, i == len(group) - 1):
-            loss = _batch_loss_sum(run, batch.to(run.device, non_blocking=True)) / tokens
-            _backward(run, loss)
-        total += loss.detach()
-    return {"loss": total, "grad_norm": update(run, total), "images": sum(len(b) for b in group)}
+            captions, concepts = _batch_loss_sums(run, batch.to(run.device, non_blocking=True))
+            captions, concepts = captions / tokens, concepts / images
+            _backward(run, captions + run.cfg.concept_loss * concepts)
+        caption_total += captions.detach()
+        concept_total += concepts.detach()
+    stats = {"loss": caption_total, "grad_norm": update(run, caption_total), "images": images}
+    if run.data.concepts is not None:
+        stats["concept_loss"] = concept_total
+    return stats
 
 
-def _batch_loss_sum(run: Run, batch: Batch) -> torch.Tensor:
-    """Teacher-forced cross-entropy of one batch, summed over its real target tokens."""
+def _batch_loss_sums(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced cross-entropy of one batch summed over its real target tokens, and the concept loss
+    summed over its images (zero without a concept head)."""
     dtype, inputs = run.precision.train_autocast, batch.inputs
     if run.cfg.scheduled_sampling > 0:
         prob = run.step / run.total_steps * run.cfg.scheduled_sampling
         inputs = _scheduled_sampling(run.model, batch.images, inputs, batch.pad_mask, prob, dtype, run.device,
                                      from_features=batch.holds_features)
+    with_concepts = run.data.concepts is not None
     with autocast(run.device, dtype):
-        logits = run.train_model(batch.images, inputs, pad_mask=batch.pad_mask,
-                                 from_features=batch.holds_features)  # (B, T, V)
-    return caption_loss(logits, batch.targets, pad_id=run.data.vocab.pad_id,
-                        label_smoothing=run.cfg.label_smoothing, reduction="sum")
+        out = run.train_model(batch.images, inputs, pad_mask=batch.pad_mask, from_features=batch.holds_features,
+                              with_concepts=with_concepts)
+    logits, concept_logits = out if with_concepts else (out, None)  # (B*K, T, V), (B, V)
+    captions = caption_loss(logits, batch.targets, pad_id=run.data.vocab.pad_id,
+                            label_smoothing=run.cfg.label_smoothing, reduction="sum")
+    if concept_logits is None:
+        return captions, torch.zeros((), device=captions.device)
+    return captions, concept_loss_sum(concept_logits, batch.targets, run.data.concepts)
 
 
 def _sync_gradients(run: Run, last: bool) -> AbstractContextManager:
@@ -687,9 +736,10 @@ def validate(run: Run) -> dict[str, Any]:
         if selection_score(record, run.data.knows_truth) > run.best_score:
             run.best, run.stale = record, 0
             checkpoint.save_weights(run.run_dir / checkpoint.BEST, run.model, meta=record)
-        else:
+        elif run.step > run.cfg.warmup_steps:  # during the warm-up the model is still finding its feet
             run.stale += 1
         checkpoint.append_jsonl(run.run_dir / checkpoint.METRICS, record)
+        draw_curves(run.run_dir, best_step=run.best.get("step"))  # curves.png: a collapse or plateau at a glance
         run.emit("validate", record)
     record, run.stale = from_main((record, run.stale), run.dist)
     run.model.train()
@@ -721,7 +771,17 @@ def _warn_if_collapsed(run: Run, diversity: dict[str, Any]) -> None:
     if diversity.get("collapsed"):
         run.emit("warning", {"message": (
             f"captions collapsed at step {run.step}: {diversity['distinct_share']:.0%} distinct, "
-            f"most common {diversity['most_common_share']:.0%} ({diversity['most_common']!r})")})
+            f"most common {diversity['most_common_share']:.0%} ({diversity['most_common']!r}); "
+            f"{_collapse_advice(run)}")})
+
+
+def _collapse_advice(run: Run) -> str:
+    """What to do about collapsed captions, in one clause: the remedy that applies to this run."""
+    if run.step <= run.cfg.warmup_steps or run.step < run.total_steps // 4:
+        return "usual early in training: let it run (best skips collapsed checkpoints)"
+    if run.data.concepts is None and not run.data.knows_truth:
+        return "the model is not using the image: try --concept-loss 1, or --encoder cnn"
+    return "the model is not using the image: train longer (--time-limit), or try --encoder cnn or --pretrained"
 
 
 def save(run: Run, *, finished: bool = False, every_rank: bool = True) -> None:
@@ -890,8 +950,7 @@ def _end_epoch(run: Run) -> bool:
             f"time limit of {run.time_limit:g} min reached at step {run.step} of {run.total_steps}; "
             f"continue with: captioner train --resume {run.run_dir} --time-limit MINUTES")})
         return True
-    patience = run.cfg.resolved_early_stop()
-    if patience is not None and run.stale >= patience:
+    if run.converged():
         run.emit("warning", {"message": f"early stop: no {SELECTED_BY[run.data.knows_truth]} improvement in "
                                         f"{run.stale} validations"})
     return run.stopping()
@@ -932,9 +991,10 @@ def _start_event(run: Run) -> dict[str, Any]:
 def finish(run: Run) -> TrainResult:
     """The result of the run, announced as the "end" event."""
     seconds = time.perf_counter() - run.clock["t0"]
-    run.emit("end", {"run_dir": str(run.run_dir), "steps": run.step, "seconds": seconds, "best": run.best,
-                     "last": run.last})
-    return TrainResult(run.run_dir, run.step, run.epoch, seconds, run.best, run.last)
+    stopped = run.stop_reason()
+    run.emit("end", {"run_dir": str(run.run_dir), "steps": run.step, "seconds": seconds, "stopped": stopped,
+                     "best": run.best, "last": run.last})
+    return TrainResult(run.run_dir, run.step, run.epoch, seconds, stopped, run.best, run.last)
 
 
 def train(cfg: TrainConfig, run_dir: Path | str, *, resume: bool = False, on_event: Event | None = None,

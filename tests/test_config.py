@@ -172,6 +172,15 @@ def test_resolve_scst_starts_from_its_own_defaults_and_refuses_what_it_ignores()
         resolve(cli={"warmup_steps": 3}, model_cli={}, saved=saved, scst={})
 
 
+def test_scst_with_a_time_limit_trains_for_the_time_given() -> None:
+    saved = {"train": TrainConfig(data="d.csv").to_dict(), "model": ModelConfig().to_dict()}
+    limited = resolve(cli={"time_limit": 12}, model_cli={}, saved=saved, scst={}).train
+    assert limited.default_length() and limited.time_limit == 12  # the data's default length, cut by the clock
+    assert resolve(cli={}, model_cli={}, saved=saved, scst={}).train.epochs == SCST_DEFAULTS["epochs"]
+    both = resolve(cli={"time_limit": 12, "epochs": 1}, model_cli={}, saved=saved, scst={}).train
+    assert both.epochs == 1  # an explicit length is obeyed, the limit only cuts
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ('{"schedule": "linear"}', "schedule must be one of"),
     ('{"lr": 0.1, "model": {"encoder": "cnn"}}', "choose the encoder with --encoder"),

@@ -30,11 +30,13 @@ LAYERS: dict[str, int] = {
     "captioner.models": 2,      # positional, kernels, attention, encoders, decoder, captioner
     "captioner.data": 2,        # images, vocab, synthetic, sources, dataset
     "captioner.checkpoint": 3,  # run directories
+    "captioner.concepts": 3,    # the visual-concept loss: which words an image's captions contain
     "captioner.decoding": 4,    # greedy / beam / sample over CaptionModel.step
     "captioner.metrics": 4,
     "captioner.results": 4,     # result files (jsonl, csv, json): streamed, flushed, read back to resume
     "captioner.api": 5,         # Captioner.load / caption
     "captioner.overlay": 6,
+    "captioner.curves": 6,      # curves.png of a run: loss, learning rate, validation scores
     "captioner.attend": 6,
     "captioner.evaluation": 6,
     "captioner.bulk": 6,        # caption many files into a results file: resume, torchrun shards, events

@@ -23,6 +23,7 @@ from captioner.training import (
     TrainingInterrupted,
     caption_loss,
     lr_factor,
+    prepare,
     selection_score,
     train,
 )
@@ -88,6 +89,33 @@ def test_best_is_kept_by_accuracy_where_truth_is_known_else_by_cider() -> None:
     assert selection_score(sharper, knows_truth=False) < selection_score(earlier, knows_truth=False)
     tie = {"CIDEr-D": 7.0, "accuracy": 0.92}
     assert selection_score(tie, knows_truth=True) > selection_score(sharper, knows_truth=True)  # CIDEr-D breaks ties
+
+
+def test_a_collapsed_checkpoint_is_best_only_when_it_scores_over_5_percent_more() -> None:
+    varied = {"CIDEr-D": 0.40}
+    assert selection_score({"CIDEr-D": 0.41, "collapsed": True}, False) < selection_score(varied, False)
+    assert selection_score({"CIDEr-D": 0.43, "collapsed": True}, False) > selection_score(varied, False)
+
+
+def test_default_early_stop_waits_for_half_the_schedule_and_ignores_the_warm_up(tmp_path: Path) -> None:
+    # A learning rate too small to change any caption: no validation after the first can improve on it.
+    cfg = tiny_train_config(data=None, max_steps=None, epochs=None, val_every=2, lr=1e-12, warmup_steps=6)
+    run = prepare(cfg, tmp_path / "run")
+    run.lock.close()
+    run.total_steps, run.stale = 40, 9
+    for step, patience, expected in [(10, None, False), (19, 3, False), (20, 3, True), (12, 3, False)]:
+        run.step, run.cfg.early_stop = step, patience
+        if patience is None:  # the built-in world has no default patience
+            assert not run.converged()
+            continue
+        run.cfg.early_stop = None
+        run.cfg.data = "photos.csv"  # a dataset's default patience (3) waits for half the schedule (20)
+        assert run.converged() is expected, step
+        run.cfg.early_stop, run.cfg.data = 3, None  # an explicit --early-stop does not wait
+        assert run.converged()
+    result = train(tiny_train_config(max_steps=12, val_every=2, early_stop=2, lr=1e-12, warmup_steps=6),
+                   tmp_path / "warm")
+    assert result.steps == 10  # validations at 2, 4, 6 in the warm-up do not count; 8 and 10 do
 
 
 def test_early_stop_after_validations_without_improvement(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ class CaptionModel(nn.Module):
         # oneDNN and cuDNN run fastest.
         self.encoder = build_encoder(config).to(memory_format=torch.channels_last)
         self.decoder = TransformerDecoder(config)
+        self.concepts = ConceptHead(config.d_model) if config.concept_head else None
         self.kernels = Kernels()  # the attention path of every layer; change it with use_kernels
         self.step_graphs = StepGraphs()  # static decoding states (CUDA graphs on a GPU), kept across calls
         self._init_weights()
@@ -90,19 +91,24 @@ class CaptionModel(nn.Module):
         _check_tokens(tokens)
         return self.decoder(tokens, memory, pad_mask=pad_mask, need_weights=need_weights)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, *,
-                pad_mask: torch.Tensor | None = None, from_features: bool = False) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
+                from_features: bool = False, with_concepts: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: images (B, 3, S, S), decoder inputs (B*K, T) (<bos> + caption) -> logits (B*K, T, V).
 
         K >= 1 captions per image, image-major (rows b*K .. b*K+K-1 describe image b): each image is
         encoded once, however many of its captions are trained on. from_features: `images` holds cached
         backbone features (B, C, h, w) instead (see `encode`; a batch says so in `Batch.holds_features`).
+        with_concepts: also the concept head's word logits (B, V), as a pair (logits, concept logits).
         """
         assert tokens.shape[0] % images.shape[0] == 0, \
             f"{tokens.shape[0]} token rows are not a whole number of captions for each of {images.shape[0]} images"
         memory = self.encode(images, from_features=from_features).memory  # (B, N, D)
         logits, _ = self.decode(memory, tokens, pad_mask=pad_mask)
-        return logits
+        if not with_concepts:
+            return logits
+        assert self.concepts is not None, "this model has no concept head (ModelConfig.concept_head)"
+        return logits, self.concepts(memory, self.decoder.embed.weight)
 
     # -- incremental decoding ---------------------------------------------------------------------------
 
@@ -156,6 +162,24 @@ class CaptionModel(nn.Module):
                         "lr": backbone_lr},
                        {"params": [p for p in body if id(p) in exempt], "weight_decay": 0.0, "lr": backbone_lr}]
         return groups
+
+
+class ConceptHead(nn.Module):
+    """Which words the image's captions contain, from the mean of its regions (Fang et al. 2015).
+
+    Scored against the tied word embeddings, like the decoder's output layer: the words an image shows
+    and the words the decoder says then share one space, so the signal reaches the captions directly.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, memory: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """memory (B, N, D), word embeddings (V, D) -> word logits (B, V)."""
+        pooled = self.proj(self.norm(memory.mean(dim=1)))  # (B, D)
+        return pooled @ words.t()  # (B, V)
 
 
 def _check_tokens(tokens: torch.Tensor) -> None:
