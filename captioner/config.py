@@ -493,6 +493,11 @@ DATASET_MAX_EPOCHS = 30
 DATASET_PATIENCE = 3
 LARGE_DATASET = 40_000  # training captions from which rare words are cut at 5 (Flickr8k has 30k, COCO 590k)
 BACKBONE_LR_SHARE = 0.1
+# A dataset's defaults where they differ from the built-in world's (applied by `resolve`, under anything the
+# user sets): a few thousand photos are learned by heart without dropout and label smoothing, and an encoder
+# trained from scratch sees them only with the concept loss (benchmarks/NOTES.md, "Real photographs").
+PHOTO_DEFAULTS: dict[str, Any] = dict(label_smoothing=0.1, concept_loss=1.0)
+PHOTO_MODEL_DEFAULTS: dict[str, Any] = dict(dropout=0.1)
 
 
 @dataclass
@@ -588,6 +593,9 @@ def resolve(*, cli: dict[str, Any], model_cli: dict[str, Any], config_file: Path
         merged = {**_table(saved.get("train"), "train"), **options}
         return Resolved(TrainConfig.from_dict(merged), ModelConfig.from_dict(saved.get("model")))
     note = _pretrained_switch(options, model_options)
+    if options.get("data") is not None:  # a dataset of photos: its defaults where the user chose nothing
+        options = {**PHOTO_DEFAULTS, **options}
+        model_options = {**PHOTO_MODEL_DEFAULTS, **model_options}
     cfg = TrainConfig.from_dict({**options, "extra": model_options})
     return Resolved(cfg, cfg.model_config(), notes=[note] if note else [])
 

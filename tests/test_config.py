@@ -13,6 +13,8 @@ from captioner import runtime
 from captioner.cli import app
 from captioner.config import (
     MAX_PARAMETERS,
+    PHOTO_DEFAULTS,
+    PHOTO_MODEL_DEFAULTS,
     SCST_DEFAULTS,
     ModelConfig,
     TrainConfig,
@@ -152,6 +154,19 @@ def test_resolve_order_is_defaults_config_file_command_line(tmp_path: Path) -> N
     resolved = resolve(cli={"batch_size": 4, "seed": None}, model_cli={"n_heads": 4}, config_file=file)
     assert (resolved.train.lr, resolved.train.batch_size, resolved.train.seed) == (0.001, 4, 0)
     assert (resolved.model.encoder, resolved.model.d_model, resolved.model.n_heads) == ("cnn", 64, 4)
+
+
+def test_a_dataset_gets_the_photo_defaults_under_what_the_user_sets() -> None:
+    world = resolve(cli={}, model_cli={})
+    assert world.train.concept_loss == 0 and world.model.dropout == 0 and not world.model.concept_head
+    photos = resolve(cli={"data": "captions.csv"}, model_cli={})
+    for name, value in PHOTO_DEFAULTS.items():
+        assert getattr(photos.train, name) == value
+    assert photos.model.dropout == PHOTO_MODEL_DEFAULTS["dropout"] and photos.model.concept_head
+    chosen = resolve(cli={"data": "captions.csv", "concept_loss": 0.0, "label_smoothing": 0.0},
+                     model_cli={"dropout": 0.3})
+    assert (chosen.train.concept_loss, chosen.train.label_smoothing, chosen.model.dropout) == (0, 0, 0.3)
+    assert not chosen.model.concept_head
 
 
 def test_resolve_resume_keeps_the_model_and_extends_the_run() -> None:

@@ -3,6 +3,7 @@ a vocabulary threshold that suits the data's size, and a schedule fitted to --ti
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -75,11 +76,12 @@ def test_a_frozen_start_trains_the_decoder_alone_then_the_backbone(data: Path, t
 
 def test_a_dataset_run_stops_when_validation_stops_improving(data: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """No --epochs: up to DATASET_MAX_EPOCHS, ended by DATASET_PATIENCE validations without a better CIDEr-D."""
+    """No --epochs: up to DATASET_MAX_EPOCHS, ended by DATASET_PATIENCE validations without a better CIDEr-D,
+    but not before half the schedule: until then a run at a high learning rate is noisy, not finished."""
     import captioner.evaluation as evaluation
 
     real = evaluation.score_samples
-    scripted = iter([0.5, 0.6, 0.6, 0.55, 0.6, 0.9, 0.9, 0.9])
+    scripted = itertools.chain([0.5, 0.6], itertools.repeat(0.55))
 
     def scores(*args, **kwargs):
         report = real(*args, **kwargs)
@@ -92,7 +94,7 @@ def test_a_dataset_run_stops_when_validation_stops_improving(data: Path, tmp_pat
                    on_event=lambda kind, d: events.append((kind, d)))
     start = next(d for kind, d in events if kind == "start")
     assert start["steps"] == DATASET_MAX_EPOCHS * 4  # 32 images, batch 8
-    assert result.epochs == 2 + DATASET_PATIENCE  # best at epoch 2, then 3 without a gain
+    assert result.epochs == DATASET_MAX_EPOCHS // 2  # best at epoch 2, stale from epoch 5, stopped at half
     assert result.best["step"] == 8
     assert any("early stop" in d.get("message", "") for kind, d in events if kind == "warning")
 
