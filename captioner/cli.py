@@ -18,14 +18,13 @@ import typer
 from captioner import __version__
 from captioner.config import (
     PRECISION_HELP,
+    TRAIN_OPTIONS,
+    TRAIN_TYPES,
     Baseline,
     Device,
-    Encoder,
     Format,
     Precision,
-    Preset,
-    Schedule,
-    Score,
+    ScoreChoice,
     Split,
     Which,
 )
@@ -136,53 +135,42 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _train_option(name: str) -> Any:
+    """The command-line option of one TrainConfig field, from its declaration in config.py: None = not given."""
+    declared = TRAIN_OPTIONS[name]
+    kind = declared.choices or _KINDS[TRAIN_TYPES[name].split(" |")[0]]
+    flags = [declared.flag] if declared.flag else []
+    return Annotated[kind | None, typer.Option(*flags, min=declared.low, max=declared.high, help=declared.help)]
+
+
+def _with_train_options(fn: F) -> F:
+    """Give a command an option for every TrainConfig field the command line sets, and pass their values as one
+    dict, `options`: each option's flag, help, bounds and choices are declared once, with its field."""
+    names = [name for name, declared in TRAIN_OPTIONS.items() if declared.cli]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        return fn(options={name: kwargs.pop(name) for name in names}, **kwargs)
+
+    signature = inspect.signature(fn, eval_str=True)
+    options = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                 annotation=_train_option(name)) for name in names]
+    rest = [p for p in signature.parameters.values() if p.name != "options"]
+    wrapper.__signature__ = signature.replace(parameters=[*options, *rest])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
 @app.command()
 @user_errors
+@_with_train_options
 def train(
-    encoder: Annotated[Encoder | None, typer.Option(help="Image encoder: CNN feature map or ViT patches.")] = None,
-    preset: Annotated[Preset | None, typer.Option(help="Model size preset.")] = None,
-    data: Annotated[str | None, typer.Option(help="Dataset annotations (COCO/Karpathy JSON, Flickr8k token "
-                                                  "file, CSV, JSONL). Default: the built-in synthetic world.")] = None,
-    image_dir: ImageDir = None,
-    format: Annotated[Format | None, typer.Option(help="Dataset format (auto-detected by default).")] = None,
-    val_data: Annotated[str | None, typer.Option(help="A separate validation file (e.g. COCO's "
-                                                      "captions_val2017.json); --data is then all training.")] = None,
-    val_images: Annotated[str | None, typer.Option(help="Image folder of --val-data.")] = None,
+    options: dict[str, Any],
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<encoder>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training split.")] = None,
-    time_limit: Annotated[float | None, typer.Option(min=0.1, help="Minutes; stop cleanly when reached "
-                                                     "(default 9.5 for the built-in world). Without "
-                                                     "--max-steps/--epochs the schedule is fitted to it.")] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Images per forward pass (per process).")
-                          ] = None,
-    accumulate: Annotated[int | None, typer.Option(min=1, max=1024, help="Batches per optimiser step (gradient "
-                                                   "accumulation: a larger batch in the same memory).")] = None,
-    captions_per_image: Annotated[int | None, typer.Option(
-        min=1, max=64, help="Captions of each image trained on per step (encoded once; default 5).")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(min=0, help="Linear warm-up steps (default 500).")] = None,
-    schedule: Annotated[Schedule | None, typer.Option(help="Decay after warm-up.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.99)] = None,
-    weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
-    grad_clip: Annotated[float | None, typer.Option(min=0.0)] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[Device | None, typer.Option()] = None,
-    precision: Annotated[Precision | None, typer.Option(help=PRECISION_HELP)] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    val_every: Annotated[int | None, typer.Option(min=1, help="Validate every N steps (default: each epoch).")] = None,
-    early_stop: Annotated[int | None, typer.Option(min=1, help="Stop after N validations without gain (default on "
-                                                   "a dataset: 3, when neither --epochs nor --max-steps is given).")
-                          ] = None,
-    scheduled_sampling: Annotated[float | None, typer.Option(min=0.0, max=1.0,
-                                                             help="Final prob. of feeding own tokens.")] = None,
-    concept_loss: Annotated[float | None, typer.Option(min=0.0, max=100.0, help=(
-        "Weight of the loss that asks the image which words its captions contain; 0 = off."))] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="Processes decoding images for training (default: "
-                                                "a share of the cores for datasets, 0 for the built-in world).")
-                       ] = None,
     image_size: Annotated[int | None, typer.Option(min=16, max=1024)] = None,
     patch_size: Annotated[int | None, typer.Option(min=1, max=256, help="ViT patch side (divides image size).")] = None,
     cnn_arch: Annotated[str | None, typer.Option(help="resnet_small, resnet18, resnet34 or resnet50.")] = None,
@@ -196,17 +184,7 @@ def train(
         help="Local state-dict file of the backbone (e.g. torchvision's resnet50-11ad3fa6.pth); never downloaded. "
              "Implies a torchvision backbone as --pretrained does.")] = None,
     freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone/--finetune-backbone")] = None,
-    feature_cache: Annotated[bool | None, typer.Option(
-        "--feature-cache/--no-feature-cache", help="With --freeze-backbone: compute each training image's backbone "
-        "features once and reuse them (no augmentation); default on.")] = None,
-    backbone_lr: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Peak learning rate of a pretrained "
-                                                      "backbone (default: 0.1 x --lr).")] = None,
-    freeze_backbone_epochs: Annotated[int | None, typer.Option(min=0, help="Epochs on a frozen backbone before it "
-                                                               "fine-tunes.")] = None,
-    min_count: Annotated[int | None, typer.Option(min=1, help="Words seen fewer times become <unk> (default: 5 "
-                                                  "on large datasets, 2 on small, 1 on the built-in world).")] = None,
-    max_vocab: Annotated[int | None, typer.Option(min=5, help="Vocabulary size cap (default 10000).")] = None,
-    cross_score: Annotated[Score | None, typer.Option(help="Cross-attention scoring function.")] = None,
+    cross_score: Annotated[ScoreChoice | None, typer.Option(help="Cross-attention scoring function.")] = None,
     vit_backbone: Annotated[str | None, typer.Option(help="ours or vit_b_16 (torchvision body, local weights).")
                             ] = None,
     vit_pos: Annotated[str | None, typer.Option(help="ViT positions: sinusoidal or learned.")] = None,
@@ -222,16 +200,6 @@ def train(
     from captioner import checkpoint
     from captioner.config import resolve
 
-    cli = dict(encoder=encoder, preset=preset, data=data, image_dir=image_dir, format=format, val_data=val_data,
-               val_images=val_images, epochs=epochs,
-               time_limit=time_limit, max_steps=max_steps, batch_size=batch_size, accumulate=accumulate,
-               captions_per_image=captions_per_image, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
-               label_smoothing=label_smoothing, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
-               device=device, precision=precision, compile=compile, val_every=val_every, early_stop=early_stop,
-               scheduled_sampling=scheduled_sampling, concept_loss=concept_loss, workers=workers,
-               backbone_lr=backbone_lr,
-               freeze_backbone_epochs=freeze_backbone_epochs, min_count=min_count, max_vocab=max_vocab,
-               feature_cache=feature_cache)
     # --set may name a field that has its own option too (--set cnn_arch=resnet18): it wins, as the later word.
     model_cli = {**dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
                         pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
@@ -243,7 +211,7 @@ def train(
         raise ConfigError("--scst fine-tunes a trained run: give it with --resume RUN_DIR")
     saved = checkpoint.read_run_config(resume) if resume is not None else None
     scst_options = dict(samples=scst_samples, baseline=scst_baseline.value if scst_baseline else None) if scst else None
-    resolved = resolve(cli=cli, model_cli=model_cli, config_file=config, saved=saved, scst=scst_options)
+    resolved = resolve(cli=options, model_cli=model_cli, config_file=config, saved=saved, scst=scst_options)
     for note in resolved.notes:  # what resolving chose for the user (--pretrained's encoder), said before any work
         typer.echo(printable(note), err=True)
     _print_result(_run_training(resolved, resume=resume, out=out, skip_bad_images=skip_bad_images))

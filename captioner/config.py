@@ -16,7 +16,7 @@ from captioner.errors import ConfigError
 
 # The choices of every option that has a fixed set, defined once: the CLI shows them as `--x [a|b]`,
 # the dataclasses below validate against them.
-class Encoder(str, Enum):
+class EncoderChoice(str, Enum):  # `Encoder` is the model's module (models/encoders.py)
     vit = "vit"
     cnn = "cnn"
 
@@ -27,7 +27,7 @@ class Preset(str, Enum):
     base = "base"
 
 
-class Score(str, Enum):
+class ScoreChoice(str, Enum):  # `Score` is the attention's module (models/attention.py)
     dot = "dot"
     scaled_dot = "scaled_dot"
     general = "general"
@@ -91,7 +91,8 @@ def _values(choices: type[Enum]) -> tuple[str, ...]:
     return tuple(c.value for c in choices)
 
 
-ENCODERS, PRESET_NAMES, SCORES, SCHEDULES = _values(Encoder), _values(Preset), _values(Score), _values(Schedule)
+ENCODERS, PRESET_NAMES, SCORES = _values(EncoderChoice), _values(Preset), _values(ScoreChoice)
+SCHEDULES = _values(Schedule)
 FORMATS, DEVICES, PRECISIONS, BASELINES = _values(Format), _values(Device), _values(Precision), _values(Baseline)
 SPLITS = _values(Split)
 CNN_ARCHS = ("resnet_small", "resnet18", "resnet34", "resnet50")
@@ -293,20 +294,6 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-# Allowed ranges of the numeric training options, inclusive (None: no upper bound). Where the command line
-# has an option its bounds are the same (cli.py), so a config file or a resumed run's config.json cannot
-# pass what the flag refuses. Step counts stop at 1e9 and the seed at 2**32 - 1 (what every RNG seeds from).
-TRAIN_INTS: dict[str, tuple[int, int | None]] = dict(
-    epochs=(1, 10**9), max_steps=(1, 10**9), batch_size=(1, 4096), accumulate=(1, 1024), captions_per_image=(1, 64),
-    warmup_steps=(0, 10**9), seed=(0, 2**32 - 1), val_every=(1, 10**9), early_stop=(1, 10**9),
-    synth_train=(1, 10**7), synth_val=(0, 10**7), synth_test=(0, 10**7), synth_max_objects=(1, 3),
-    min_count=(1, None), max_vocab=(5, 10**7), max_len=(1, 500), workers=(0, 256),
-    freeze_backbone_epochs=(0, 10**6))
-# None = not set: each field says what it then means
-OPTIONAL_INTS = ("epochs", "max_steps", "val_every", "early_stop", "workers", "min_count")
-TRAIN_NUMBERS = dict(lr=(0.0, 1.0), weight_decay=(0.0, 10.0), grad_clip=(0.0, 1e9), label_smoothing=(0.0, 0.99),
-                     scheduled_sampling=(0.0, 1.0), concept_loss=(0.0, 100.0))
-
 # Training options saved under an earlier name by older runs, so they still resume: old name -> new name.
 RENAMED = {"images": "image_dir"}
 
@@ -315,72 +302,116 @@ FROM_VOCABULARY = ("vocab_size", "pad_id")
 DERIVED_MODEL_FIELDS = (*FROM_VOCABULARY, "concept_head")
 
 
+@dataclass(frozen=True)
+class Option:
+    """What the command line and validation know of a training option, declared beside its field by `option`."""
+
+    help: str | None = None  # the --help text (None: the flag alone)
+    low: float | None = None  # inclusive bounds of a number; high None = no upper bound
+    high: float | None = None
+    choices: type[Enum] | None = None  # the fixed set of values, shown as --x [a|b]
+    flag: str | None = None  # the flag, where it is not the field's name (--images for image_dir)
+    cli: bool = True  # False: set only by a config file (the built-in world's sizes)
+
+
+def option(default: Any, help: str | None = None, **declared: Any) -> Any:
+    """A TrainConfig field declared once: its default, and the help, bounds and choices the CLI and validation use."""
+    return field(default=default, metadata={"option": Option(help, **declared)})
+
+
 @dataclass
 class TrainConfig:
-    """Options of one training run; stored in the run directory so a resume repeats them exactly."""
+    """Options of one training run; stored in the run directory so a resume repeats them exactly.
 
-    preset: str = "tiny"
-    encoder: str = "vit"
-    data: str | None = None  # None = the built-in synthetic world
-    image_dir: str | None = None  # image folder for datasets whose annotations hold relative paths (--images)
-    format: str = "auto"
+    Every field but `extra` is declared with `option`: `captioner train` builds its flags from these
+    declarations (help, bounds, choices), and `validate` enforces the same bounds on config files and on
+    a resumed run's config.json, so no path can pass what the flag refuses. Step counts stop at 1e9: far
+    beyond any run, yet no file can ask for a count no loop could reach.
+    """
+
+    encoder: str = option("vit", "Image encoder: CNN feature map or ViT patches.", choices=EncoderChoice)
+    preset: str = option("tiny", "Model size preset.", choices=Preset)
+    data: str | None = option(None, "Dataset annotations (COCO/Karpathy JSON, Flickr8k token file, CSV, JSONL). "
+                              "Default: the built-in synthetic world.")
+    image_dir: str | None = option(None, "Image folder for the dataset's relative paths.", flag="--images")
+    format: str = option("auto", "Dataset format (auto-detected by default).", choices=Format)
     # A separate validation file, e.g. COCO's captions_val2017.json (its own image folder: val_images);
     # the training file is then all training data unless it names its own splits.
-    val_data: str | None = None
-    val_images: str | None = None
-    epochs: int | None = None  # None: DEFAULT_STEPS on the built-in world, 10 epochs on a dataset
-    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs when set)
-    time_limit: float | None = None  # minutes; stop cleanly (validate, save) when reached. None: 9.5 on the world
-    batch_size: int = 32  # images per forward pass
+    val_data: str | None = option(None, "A separate validation file (e.g. COCO's captions_val2017.json); --data "
+                                  "is then all training.")
+    val_images: str | None = option(None, "Image folder of --val-data.")
+    # None: DEFAULT_STEPS on the built-in world, at most DATASET_MAX_EPOCHS on a dataset (early stop ends it sooner)
+    epochs: int | None = option(None, "Passes over the training split.", low=1, high=10**9)
+    max_steps: int | None = option(None, "Stop after this many steps.", low=1, high=10**9)  # overrides epochs
+    # Minutes; stop cleanly (validate, save) when reached. None: 9.5 on the world (resolved_time_limit).
+    time_limit: float | None = option(None, "Minutes; stop cleanly when reached (default 9.5 for the built-in "
+                                      "world). Without --max-steps/--epochs the schedule is fitted to it.",
+                                      low=0.1, high=1e7)
+    batch_size: int = option(32, "Images per forward pass (per process).", low=1, high=4096)
     # Batches whose gradients add up to one optimiser step: a step of batch_size * accumulate images
     # (per process) in the memory of batch_size.
-    accumulate: int = 1
+    accumulate: int = option(1, "Batches per optimiser step (gradient accumulation: a larger batch in the same "
+                             "memory).", low=1, high=1024)
     # Captions of each image per step, all decoded against one encoding of it (capped at the most any
     # training image has): the encoder dominates a step, so more references per image come cheap.
-    captions_per_image: int = 5
-    lr: float = 2e-3
-    weight_decay: float = 0.01  # AdamW decay on weight matrices only; norms and biases are exempt
+    captions_per_image: int = option(5, "Captions of each image trained on per step (encoded once; default 5).",
+                                     low=1, high=64)
+    lr: float = option(2e-3, "Peak learning rate.", low=0.0, high=1.0)
+    # AdamW decay on weight matrices only; norms and biases are exempt.
+    weight_decay: float = option(0.01, low=0.0, high=10.0)
     # Linear warm-up (the seeds' schedule), long enough that Adam's early, poorly estimated steps stay
     # small: at 200 steps some runs stalled on the built-in world (benchmarks/NOTES.md).
-    warmup_steps: int = 500
-    schedule: str = "cosine"  # "cosine" (warm-up then half a cosine to 0) or "inverse_sqrt" (then 1/sqrt(step))
-    label_smoothing: float = 0.0
-    grad_clip: float = 1.0  # largest gradient norm a step applies; 0 = no clipping (not "zero every gradient")
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # one meaning in training and inference: PRECISION_HELP
-    compile: bool = False
-    val_every: int | None = None  # validate every N steps; None = once per epoch
+    warmup_steps: int = option(500, "Linear warm-up steps (default 500).", low=0, high=10**9)
+    # "cosine" (warm-up then half a cosine to 0) or "inverse_sqrt" (then 1/sqrt(step))
+    schedule: str = option("cosine", "Decay after warm-up.", choices=Schedule)
+    label_smoothing: float = option(0.0, low=0.0, high=0.99)
+    # Largest gradient norm a step applies; 0 = no clipping (not "zero every gradient").
+    grad_clip: float = option(1.0, low=0.0, high=1e9)
+    seed: int = option(0, low=0, high=2**32 - 1)  # 2**32 - 1: the largest seed every RNG takes
+    device: str = option("auto", choices=Device)  # a config file may also say cuda:N
+    precision: str = option("auto", PRECISION_HELP, choices=Precision)  # one meaning in training and inference
+    compile: bool = option(False, "torch.compile the model.")
+    val_every: int | None = option(None, "Validate every N steps (default: each epoch).", low=1, high=10**9)
     # Stop after this many validations without improving `best`. None: DATASET_PATIENCE on a dataset
     # trained for its default length (so it trains until it stops improving), never on the built-in world.
-    early_stop: int | None = None
-    scheduled_sampling: float = 0.0  # final probability of feeding the model's own token (ramped linearly)
+    early_stop: int | None = option(None, "Stop after N validations without gain (default on a dataset: 3, when "
+                                    "neither --epochs nor --max-steps is given).", low=1, high=10**9)
+    # Final probability of feeding the model's own token (ramped linearly).
+    scheduled_sampling: float = option(0.0, "Final prob. of feeding own tokens.", low=0.0, high=1.0)
     # Weight of the visual-concept loss (Fang et al. 2015): the encoder must say which words the image's
     # captions contain, a direct signal to an encoder trained from scratch, which the caption loss alone
     # reaches only through the decoder. 0 = off (and no concept head in the model).
-    concept_loss: float = 0.0
+    concept_loss: float = option(0.0, "Weight of the loss that asks the image which words its captions contain; "
+                                 "0 = off.", low=0.0, high=100.0)
     # Scenes in the built-in world's splits: enough training scenes that the default runs cannot learn
     # them by heart before the schedule ends.
-    synth_train: int = 30000
-    synth_val: int = 200
-    synth_test: int = 500
-    synth_max_objects: int = 3  # 1 gives the one-object world (used to check attention grounding)
+    synth_train: int = option(30000, low=1, high=10**7, cli=False)
+    synth_val: int = option(200, low=0, high=10**7, cli=False)
+    synth_test: int = option(500, low=0, high=10**7, cli=False)
+    # 1 gives the one-object world (used to check attention grounding)
+    synth_max_objects: int = option(3, low=1, high=3, cli=False)
     # Words seen fewer times than this in the training captions become <unk>. None: 1 on the built-in
     # world; on a dataset 5 from LARGE_DATASET captions on (Karpathy's threshold for COCO/Flickr), else 2:
     # a word seen once cannot be learned, and each one widens the output layer.
-    min_count: int | None = None
-    max_vocab: int = 10000  # at most this many words (the most frequent), specials included
-    max_len: int = 30
+    min_count: int | None = option(None, "Words seen fewer times become <unk> (default: 5 on large datasets, 2 on "
+                                   "small, 1 on the built-in world).", low=1)
+    # At most this many words (the most frequent), specials included.
+    max_vocab: int = option(10000, "Vocabulary size cap (default 10000).", low=5, high=10**7)
+    max_len: int = option(30, low=1, high=500, cli=False)  # longest training caption in tokens
     # The pretrained backbone's learning rate. None: BACKBONE_LR_SHARE of --lr, since ImageNet features
     # fine-tuned at the decoder's rate are damaged before the decoder has learned to use them.
-    backbone_lr: float | None = None
-    freeze_backbone_epochs: int = 0  # train the decoder alone on a frozen backbone this many epochs first
+    backbone_lr: float | None = option(None, "Peak learning rate of a pretrained backbone (default: 0.1 x --lr).",
+                                       low=0.0, high=1.0)
+    # Train the decoder alone on a frozen backbone this many epochs first.
+    freeze_backbone_epochs: int = option(0, "Epochs on a frozen backbone before it fine-tunes.", low=0, high=10**6)
     # With a backbone frozen for the whole run (--freeze-backbone) on a dataset, compute each training
     # image's backbone features once and reuse them every epoch and run (feature_cache.py; un-augmented).
-    feature_cache: bool = True
+    feature_cache: bool = option(True, "With --freeze-backbone: compute each training image's backbone features "
+                                 "once and reuse them (no augmentation); default on.")
     # DataLoader worker processes; None: 0 on the built-in world (its scenes are rendered once and cached in
     # the main process), else a share of the cores, so decoding photos never starves the step.
-    workers: int | None = None
+    workers: int | None = option(None, "Processes decoding images for training (default: a share of the cores "
+                                 "for datasets, 0 for the built-in world).", low=0, high=256)
     extra: dict[str, Any] = field(default_factory=dict)  # model config overrides (field=value)
 
     def __post_init__(self) -> None:
@@ -388,23 +419,21 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse any value that could fail later in the run, naming the option and what it allows."""
-        for name, allowed in (("preset", PRESET_NAMES), ("encoder", ENCODERS), ("format", FORMATS),
-                              ("schedule", SCHEDULES), ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.device not in DEVICES and not (isinstance(self.device, str) and re.fullmatch(r"cuda:\d+", self.device)):
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
+        for name, allowed in TRAIN_CHOICES.items():
+            value = getattr(self, name)
+            cuda_n = name == "device" and isinstance(value, str) and re.fullmatch(r"cuda:\d+", value)
+            if value not in allowed and not cuda_n:
+                also = " (or cuda:N)" if name == "device" else ""
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}{also}, got {value!r}")
         check_types(self)  # after the choices, whose messages name what is allowed
         for name, (low, high) in TRAIN_INTS.items():
             value = getattr(self, name)
-            if value is not None or name not in OPTIONAL_INTS:
+            if value is not None or name not in OPTIONAL:
                 check_int(name, value, low, high)
         for name, (low, high) in TRAIN_NUMBERS.items():
-            check_number(name, getattr(self, name), low, high)
-        if self.backbone_lr is not None:
-            check_number("backbone_lr", self.backbone_lr, *TRAIN_NUMBERS["lr"])
-        if self.time_limit is not None and (not _is_number(self.time_limit) or not 0 < self.time_limit <= 1e7):
-            raise ConfigError(f"time_limit must be a positive number of minutes (at most 1e7), got {self.time_limit!r}")
+            value = getattr(self, name)
+            if value is not None or name not in OPTIONAL:
+                check_number(name, value, low, high)
         self.model_config()  # the model options must build a model too
 
     def model_config(self, *, vocab_size: int = 64, pad_id: int = 0) -> ModelConfig:
@@ -481,6 +510,20 @@ class TrainConfig:
         if self.time_limit is not None:
             return self.time_limit
         return 9.5 if self.data is None and self.max_steps is None and self.epochs is None else None
+
+
+# What the fields' declarations say, gathered for `validate` and the CLI: the options, the bounds of the
+# integers and of the other numbers (inclusive; high None = no upper bound), the choices, and the fields
+# whose None means "not set" (each field says what it then means).
+TRAIN_OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(TrainConfig)
+                                    if "option" in f.metadata}
+TRAIN_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}  # "int | None"
+TRAIN_INTS: dict[str, tuple[Any, Any]] = {name: (o.low, o.high) for name, o in TRAIN_OPTIONS.items()
+                                          if o.low is not None and TRAIN_TYPES[name].startswith("int")}
+TRAIN_NUMBERS: dict[str, tuple[Any, Any]] = {name: (o.low, o.high) for name, o in TRAIN_OPTIONS.items()
+                                             if o.low is not None and TRAIN_TYPES[name].startswith("float")}
+TRAIN_CHOICES = {name: _values(o.choices) for name, o in TRAIN_OPTIONS.items() if o.choices is not None}
+OPTIONAL = tuple(name for name, kind in TRAIN_TYPES.items() if kind.endswith("| None"))
 
 
 # Steps of a default run on the built-in world, sized so it ends within ~9 minutes on an idle 2-core CPU.

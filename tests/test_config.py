@@ -53,9 +53,9 @@ from .conftest import TINY_MODEL
     (dict(grad_clip=-1.0), "grad_clip must be a number in [0, 1e+09], got -1.0"),
     (dict(grad_clip=float("inf")), "grad_clip must be a number in [0, 1e+09], got inf"),
     (dict(weight_decay=False), "weight_decay must be a number in [0, 10], got False"),
-    (dict(time_limit=0), "time_limit must be a positive number"),
-    (dict(time_limit=float("nan")), "time_limit must be a positive number of minutes (at most 1e7), got nan"),
-    (dict(time_limit=float("inf")), "time_limit must be a positive number"),
+    (dict(time_limit=0), "time_limit must be a number in [0.1, 1e+07], got 0"),  # the bounds of --time-limit
+    (dict(time_limit=float("nan")), "time_limit must be a number in [0.1, 1e+07], got nan"),
+    (dict(time_limit=float("inf")), "time_limit must be a number in [0.1, 1e+07], got inf"),
     (dict(compile="false"), "compile must be true or false, got 'false'"),  # a truthy string, never guessed
     (dict(data=7), "data must be a string or null, got 7"),
     (dict(device="cuda:x"), "device must be one of"),
