@@ -5,6 +5,7 @@ Heavy imports (torch, torchvision) happen inside the commands, so `captioner --h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -19,13 +20,13 @@ from captioner import __version__
 from captioner.config import (
     PRECISION_HELP,
     TRAIN_OPTIONS,
-    TRAIN_TYPES,
-    Baseline,
     Device,
     Format,
     Precision,
     ScoreChoice,
+    SCSTConfig,
     Split,
+    TrainConfig,
     Which,
 )
 from captioner.errors import CaptionerError, ConfigError, printable
@@ -138,12 +139,13 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _train_option(name: str) -> Any:
-    """The command-line option of one TrainConfig field, from its declaration in config.py: None = not given."""
-    declared = TRAIN_OPTIONS[name]
-    kind = declared.choices or _KINDS[TRAIN_TYPES[name].split(" |")[0]]
-    flags = [declared.flag] if declared.flag else []
-    return Annotated[kind | None, typer.Option(*flags, min=declared.low, max=declared.high, help=declared.help)]
+def _declared_option(config: type, name: str) -> Any:
+    """The command-line option of a config field, from its declaration in config.py (`option`): None = not given."""
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    spec = field.metadata["option"]
+    kind = spec.choices or _KINDS[str(field.type).split(" |")[0]]
+    flags = [spec.flag] if spec.flag else []
+    return Annotated[kind | None, typer.Option(*flags, min=spec.low, max=spec.high, help=spec.help)]
 
 
 def _with_train_options(fn: F) -> F:
@@ -157,10 +159,14 @@ def _with_train_options(fn: F) -> F:
 
     signature = inspect.signature(fn, eval_str=True)
     options = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                 annotation=_train_option(name)) for name in names]
+                                 annotation=_declared_option(TrainConfig, name)) for name in names]
     rest = [p for p in signature.parameters.values() if p.name != "options"]
     wrapper.__signature__ = signature.replace(parameters=[*options, *rest])  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+ScstSamples = _declared_option(SCSTConfig, "samples")
+ScstBaseline = _declared_option(SCSTConfig, "baseline")
 
 
 @app.command()
@@ -192,9 +198,8 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model field override, e.g. d_model=256.")] = None,
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
     scst: Annotated[bool, typer.Option(help="Self-critical fine-tuning (CIDEr-D reward) of --resume RUN.")] = False,
-    scst_samples: Annotated[int | None, typer.Option(min=1, help="SCST: captions sampled per image.")] = None,
-    scst_baseline: Annotated[Baseline | None, typer.Option(help="SCST: reward baseline, the mean of the image's "
-                                                           "other samples or its greedy caption.")] = None,
+    scst_samples: ScstSamples = None,
+    scst_baseline: ScstBaseline = None,
 ) -> None:
     """Train a captioning model (on the built-in synthetic world unless --data is given)."""
     from captioner import checkpoint

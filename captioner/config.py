@@ -314,9 +314,24 @@ class Option:
     cli: bool = True  # False: set only by a config file (the built-in world's sizes)
 
 
-def option(default: Any, help: str | None = None, **declared: Any) -> Any:
-    """A TrainConfig field declared once: its default, and the help, bounds and choices the CLI and validation use."""
-    return field(default=default, metadata={"option": Option(help, **declared)})
+def option(default: Any, help: str | None = None, **spec: Any) -> Any:
+    """A config field declared once: its default, and the help, bounds and choices the CLI and validation use."""
+    return field(default=default, metadata={"option": Option(help, **spec)})
+
+
+def declared(config: Any) -> dict[str, Option]:
+    """The `option` declarations of a config dataclass's fields, by field name."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(config) if "option" in f.metadata}
+
+
+def check_bounds(config: Any) -> None:
+    """Refuse a number outside the bounds its field declares; None passes where the field's type allows it."""
+    for f in dataclasses.fields(config):
+        spec, value, kind = f.metadata.get("option"), getattr(config, f.name), str(f.type)
+        if spec is None or spec.low is None or (value is None and kind.endswith("| None")):
+            continue
+        check = check_int if kind.startswith("int") else check_number
+        check(f.name, value, spec.low, spec.high)
 
 
 @dataclass
@@ -426,14 +441,7 @@ class TrainConfig:
                 also = " (or cuda:N)" if name == "device" else ""
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}{also}, got {value!r}")
         check_types(self)  # after the choices, whose messages name what is allowed
-        for name, (low, high) in TRAIN_INTS.items():
-            value = getattr(self, name)
-            if value is not None or name not in OPTIONAL:
-                check_int(name, value, low, high)
-        for name, (low, high) in TRAIN_NUMBERS.items():
-            value = getattr(self, name)
-            if value is not None or name not in OPTIONAL:
-                check_number(name, value, low, high)
+        check_bounds(self)
         self.model_config()  # the model options must build a model too
 
     def model_config(self, *, vocab_size: int = 64, pad_id: int = 0) -> ModelConfig:
@@ -512,18 +520,15 @@ class TrainConfig:
         return 9.5 if self.data is None and self.max_steps is None and self.epochs is None else None
 
 
-# What the fields' declarations say, gathered for `validate` and the CLI: the options, the bounds of the
-# integers and of the other numbers (inclusive; high None = no upper bound), the choices, and the fields
-# whose None means "not set" (each field says what it then means).
-TRAIN_OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(TrainConfig)
-                                    if "option" in f.metadata}
+# What the fields' declarations say, gathered for `validate` and the CLI: the options, their types, the
+# bounds of the integers and of the other numbers (inclusive; high None = no upper bound), the choices.
+TRAIN_OPTIONS = declared(TrainConfig)
 TRAIN_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}  # "int | None"
 TRAIN_INTS: dict[str, tuple[Any, Any]] = {name: (o.low, o.high) for name, o in TRAIN_OPTIONS.items()
                                           if o.low is not None and TRAIN_TYPES[name].startswith("int")}
 TRAIN_NUMBERS: dict[str, tuple[Any, Any]] = {name: (o.low, o.high) for name, o in TRAIN_OPTIONS.items()
                                              if o.low is not None and TRAIN_TYPES[name].startswith("float")}
 TRAIN_CHOICES = {name: _values(o.choices) for name, o in TRAIN_OPTIONS.items() if o.choices is not None}
-OPTIONAL = tuple(name for name, kind in TRAIN_TYPES.items() if kind.endswith("| None"))
 
 
 # Steps of a default run on the built-in world, sized so it ends within ~9 minutes on an idle 2-core CPU.
@@ -547,15 +552,18 @@ PHOTO_MODEL_DEFAULTS: dict[str, Any] = dict(dropout=0.1)
 class SCSTConfig:
     """What self-critical fine-tuning adds to the training options (which it shares: steps, lr, batch ...)."""
 
-    samples: int = 5  # captions sampled per image (K)
-    baseline: str = "mean"  # "mean" of the image's other samples, or its "greedy" caption's reward
-    temperature: float = 1.0  # of the sampling distribution
+    # Captions sampled per image (K).
+    samples: int = option(5, "SCST: captions sampled per image.", low=1, high=256, flag="--scst-samples")
+    # "mean" of the image's other samples, or its "greedy" caption's reward.
+    baseline: str = option("mean", "SCST: reward baseline, the mean of the image's other samples or its greedy "
+                           "caption.", choices=Baseline, flag="--scst-baseline")
+    # Of the sampling distribution; the bounds of `caption --temperature`.
+    temperature: float = option(1.0, low=1e-3, high=100.0, cli=False)
 
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
             raise ConfigError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        check_int("samples", self.samples, 1, 256)
-        check_number("temperature", self.temperature, 1e-3, 100.0)  # the bounds of `caption --temperature`
+        check_bounds(self)
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("the mean baseline needs at least 2 samples per image")
 

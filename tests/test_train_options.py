@@ -1,5 +1,5 @@
-"""Training options are declared once, with their TrainConfig field: `captioner train` refuses what TrainConfig
-refuses, at the same bound, and a value it accepts arrives in the resolved TrainConfig."""
+"""Training options are declared once, with their TrainConfig (or SCSTConfig) field: `captioner train` refuses
+what the config refuses, at the same bound, and a value it accepts arrives in the resolved config."""
 
 from __future__ import annotations
 
@@ -11,8 +11,18 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from captioner import cli
-from captioner.config import TRAIN_CHOICES, TRAIN_INTS, TRAIN_NUMBERS, TRAIN_OPTIONS, TRAIN_TYPES, TrainConfig
+from captioner import checkpoint, cli
+from captioner.config import (
+    TRAIN_CHOICES,
+    TRAIN_INTS,
+    TRAIN_NUMBERS,
+    TRAIN_OPTIONS,
+    TRAIN_TYPES,
+    ModelConfig,
+    SCSTConfig,
+    TrainConfig,
+    declared,
+)
 from captioner.errors import ConfigError
 
 runner = CliRunner()
@@ -99,3 +109,22 @@ def test_a_value_outside_the_choices_is_refused_by_both(name: str, trained: list
     result = runner.invoke(cli.app, ["train", _flag(name), "nonsense"])
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
     assert trained == []
+
+
+def test_the_scst_options_reach_their_config_and_refuse_at_its_bounds(trained: list[Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = {"train": TrainConfig().to_dict(), "model": ModelConfig().to_dict()}
+    monkeypatch.setattr(checkpoint, "read_run_config", lambda run: saved)
+    scst = ["train", "--scst", "--resume", "a-run"]
+    samples = declared(SCSTConfig)["samples"]
+    for value, baseline in ((samples.low, "greedy"), (samples.high, "mean")):  # the mean needs 2 samples
+        result = runner.invoke(cli.app, [*scst, "--scst-samples", str(value), "--scst-baseline", baseline])
+        assert result.exit_code == 0, result.output
+        assert (trained[-1].scst.samples, trained[-1].scst.baseline) == (value, baseline)
+    for value in (samples.low - 1, samples.high + 1):
+        with pytest.raises(ConfigError, match="samples must be"):
+            SCSTConfig(samples=value, baseline="greedy")
+        result = runner.invoke(cli.app, [*scst, "--scst-samples", str(value), "--scst-baseline", "greedy"])
+        assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+    assert runner.invoke(cli.app, [*scst, "--scst-baseline", "nonsense"]).exit_code == 2
+    assert len(trained) == 2
