@@ -5,8 +5,7 @@
   attention core alone (inference), and the whole module with its projections (inference, and a
   training forward+backward);
 - the attention core in bfloat16, forward + backward (what training under CPU autocast runs), at the
-  tiny preset's shapes and at the matched size: the figures behind the `Kernels` switch's auto (explicit
-  for bf16 on the CPU);
+  tiny preset's shapes and at the matched size (which path is faster depends on the CPU: NOTES.md);
 - the attention core at inference in the shapes captioning runs (decoding steps of 1 to 96 rows, and
   the encoder's 144-token self-attention), float32 and bfloat16;
 - the explicit path of each scoring function (general and additive have no fused form);
@@ -74,7 +73,7 @@ def core(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
 
 
 def core_train_bf16(device: str, *, repeat: int) -> dict[str, dict[str, float]]:
-    """The two core paths in bfloat16 with autograd (forward + backward), where SDPA's CPU kernel is slow."""
+    """The two core paths in bfloat16 with autograd (forward + backward), where SDPA's CPU kernel varies most."""
     torch.manual_seed(0)
     mha = MultiHeadAttention(d_model=D, n_heads=H).to(device)
     shapes = {  # name: (B, H, Tq, Tk, Dh, causal)

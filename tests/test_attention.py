@@ -20,6 +20,7 @@ from captioner.models.attention import (
     padding_mask,
     score,
 )
+from captioner.models.kernels import Kernels, use_kernels
 from captioner.models.positional import sinusoidal_1d, sinusoidal_2d
 
 SCORE_NAMES = ["dot", "scaled_dot", "general", "additive"]
@@ -205,17 +206,17 @@ def test_mha_matches_reference_and_fused_equals_explicit(name: str, mask_kind: s
     assert not fast.isnan().any()
 
 
-def test_bf16_on_cpu_takes_the_explicit_path_with_the_same_results(monkeypatch) -> None:
-    """SDPA's CPU bf16 kernel is the slow one (Kernels' auto policy): bf16 goes explicit, same result."""
+def test_bf16_on_cpu_gives_the_float32_result_on_either_path(monkeypatch) -> None:
+    """Under CPU bf16 autocast, training and inference, the fused and the explicit path match float32."""
     torch.manual_seed(0)
     B, T, D = 4, 6, 32
     mha = MultiHeadAttention(d_model=D, n_heads=4)  # default init: softmaxes of moderate sharpness, as in training
     query = torch.randn(B, T, D)
     mask = causal_mask(T)
 
-    def out_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+    def out_and_grad(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = query.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             out, _ = mha(x, x, x, mask=mask)
         out.float().square().sum().backward()
         return out.float(), x.grad
@@ -224,22 +225,21 @@ def test_bf16_on_cpu_takes_the_explicit_path_with_the_same_results(monkeypatch) 
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
-    explicit_out, explicit_grad = out_and_grad()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        inference, _ = mha(query, query, query, mask=mask)
-    assert calls == []  # bf16 on CPU, training or not, never reached SDPA
-    # float32 with autograd does; its result is the reference. Same results up to bf16 rounding
-    # (~3 significant digits), compared as relative norms.
-    x = query.clone().requires_grad_()
-    out, _ = mha(x, x, x, mask=mask)
-    out.square().sum().backward()
-    assert calls == [1]
-    for ours, reference in ((explicit_out, out), (inference.float(), out), (explicit_grad, x.grad)):
-        assert (ours - reference).norm() / reference.norm() < 2e-2
+    out, grad = out_and_grad(torch.float32)  # the reference: float32 on the fused path
+    for path, sdpa in (("fused", 2), ("explicit", 0)):
+        use_kernels(mha, Kernels(attention=path))
+        calls.clear()
+        bf16_out, bf16_grad = out_and_grad(torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            inference, _ = mha(query, query, query, mask=mask)
+        assert len(calls) == sdpa and inference.dtype == torch.bfloat16, path
+        # Same results up to bf16 rounding (~3 significant digits), compared as relative norms.
+        for ours, reference in ((bf16_out, out), (inference.float(), out), (bf16_grad, grad)):
+            assert (ours - reference).norm() / reference.norm() < 2e-2, path
 
 
-def test_float32_inference_of_many_decoding_rows_goes_explicit(monkeypatch) -> None:
-    """A decoding step over many rows (few queries each) takes the explicit path; one image keeps SDPA."""
+def test_float32_inference_takes_sdpa_at_every_row_count(monkeypatch) -> None:
+    """Decoding steps of one row or many, a few queries or a whole prefix: SDPA, matching the reference."""
     torch.manual_seed(0)
     mha = _randomise(MultiHeadAttention(d_model=32, n_heads=4)).eval()
     calls = []
@@ -253,7 +253,7 @@ def test_float32_inference_of_many_decoding_rows_goes_explicit(monkeypatch) -> N
             _, weights = mha(query, memory, memory, need_weights=True)  # explicit reference
             reference = _reference_mha(mha, query, memory, memory, None)[0]
             torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-4)
-    assert calls == [1, 16]  # one image; and 16 rows of 12 queries (a whole prefix) keep the fused kernel
+    assert calls == [1, 16, 16, 16]  # no shape sends float32 to the explicit path unless weights are asked
 
 
 def _copy_into_torch_mha(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:

@@ -96,10 +96,11 @@ def test_linear_layers_are_nn_linear_with_the_checkpoint_keys() -> None:
 def test_kernels_is_a_frozen_value_with_checked_words() -> None:
     kernels = Kernels()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        kernels.attention = "fused"  # type: ignore[misc]
-    with pytest.raises(ValueError, match="attention must be one of"):
-        Kernels(attention="flash")
-    assert Kernels() == Kernels(attention="auto")
+        kernels.attention = "explicit"  # type: ignore[misc]
+    for word in ("flash", "auto"):
+        with pytest.raises(ValueError, match="attention must be one of"):
+            Kernels(attention=word)
+    assert Kernels() == Kernels(attention="fused")
 
 
 def test_use_kernels_reaches_every_layer_and_only_that_model() -> None:
@@ -116,43 +117,26 @@ def test_use_kernels_reaches_every_layer_and_only_that_model() -> None:
 # Attention path
 
 
-def test_auto_attention_is_explicit_where_it_is_faster() -> None:
-    def q(B: int, Tq: int, dtype: torch.dtype = torch.float32, grad: bool = False) -> torch.Tensor:
-        return torch.zeros(B, 4, Tq, 8, dtype=dtype, requires_grad=grad)
-
-    auto = Kernels()
-
-    def explicit(q: torch.Tensor) -> bool:
-        return not auto.fused_attention(q, score="scaled_dot", need_weights=False)
-
-    assert explicit(q(1, 1, torch.bfloat16)) and explicit(q(32, 20, torch.bfloat16, True))  # SDPA's slow CPU bf16
-    assert explicit(q(16, 1)) and explicit(q(16, 4))  # float32 inference: many rows, few queries
-    assert not explicit(q(1, 1)) and not explicit(q(16, 12))  # few rows; a whole prefix
-    assert not explicit(q(16, 1, grad=True))  # training keeps SDPA in float32
-    assert not auto.fused_attention(q(1, 1), score="scaled_dot", need_weights=True)  # SDPA returns no weights
-    assert not auto.fused_attention(q(1, 1), score="general", need_weights=False)  # nor other scores
-    assert not Kernels(attention="explicit").fused_attention(q(1, 1), score="dot", need_weights=False)
-    assert Kernels(attention="fused").fused_attention(q(16, 1, torch.bfloat16), score="dot", need_weights=False)
-    assert not Kernels(attention="fused").fused_attention(q(1, 1), score="additive", need_weights=False)
+def test_the_switch_alone_picks_the_path() -> None:
+    """Fused wherever SDPA can compute the result; never a choice by shape, dtype or device."""
+    fused, explicit = Kernels(), Kernels(attention="explicit")
+    assert fused.fused_attention(score="scaled_dot", need_weights=False)
+    assert fused.fused_attention(score="dot", need_weights=False)
+    assert not fused.fused_attention(score="scaled_dot", need_weights=True)  # SDPA returns no weights
+    assert not fused.fused_attention(score="general", need_weights=False)  # nor other scores
+    assert not fused.fused_attention(score="additive", need_weights=False)
+    assert not explicit.fused_attention(score="dot", need_weights=False)
 
 
-# (images, beams per image, SDPA calls per decoding step under `auto`) for the tiny model (2 heads, 1 layer:
-# one self- and one cross-attention per step). 32 and 64 images are the default batches of `caption` and
-# `evaluate`; with 3 beams the cross-attention rows of an image share its keys and values (3 queries each).
-CACHED_STEP_CASES = [
-    (3, 1, 2),  # 6 rows x heads: both fused
-    (32, 1, 0),  # 64 rows x heads: both explicit
-    (64, 1, 0),
-    (3, 3, 2),  # 18 self-attention rows, 6 cross: both fused
-    (16, 3, 1),  # 96 self-attention rows (explicit), 32 cross rows of 3 queries (fused)
-    (32, 3, 0),
-]
+# (images, beams per image) for the tiny model (2 heads, 1 layer: one self- and one cross-attention per step).
+# 32 and 64 images are the default batches of `caption` and `evaluate`; with 3 beams the cross-attention rows
+# of an image share its keys and values (3 queries each).
+CACHED_STEP_CASES = [(3, 1), (32, 1), (64, 1), (3, 3), (16, 3), (32, 3)]
 
 
-@pytest.mark.parametrize(("images", "beams", "auto_calls"), CACHED_STEP_CASES)
-def test_cached_steps_take_the_policys_attention_path_and_match_the_full_pass(sdpa_calls, images: int, beams: int,
-                                                                           auto_calls: int) -> None:
-    """Every path a decoding step can take (fused, explicit, both in one step) reproduces the whole-prefix pass."""
+@pytest.mark.parametrize(("images", "beams"), CACHED_STEP_CASES)
+def test_cached_steps_on_either_path_match_the_full_pass(sdpa_calls, images: int, beams: int) -> None:
+    """Decoding steps on the fused and on the explicit path reproduce the whole-prefix pass, beams grouped or not."""
     torch.manual_seed(0)
     model = CaptionModel(tiny_model_config("vit")).eval()
     rows = torch.arange(images).repeat_interleave(beams)  # image of each decoded row, beams adjacent
@@ -160,7 +144,7 @@ def test_cached_steps_take_the_policys_attention_path_and_match_the_full_pass(sd
     with torch.inference_mode():
         memory = model.encode(torch.randn(images, 3, 48, 48)).memory
         want, _ = model.decode(memory[rows], tokens)  # (B, T, V): every row against its own copy of the memory
-        for path, per_step in (("auto", auto_calls), ("fused", 2), ("explicit", 0)):
+        for path, per_step in (("fused", 2), ("explicit", 0)):
             model.use_kernels(Kernels(attention=path))
             state = model.start(memory)
             state.reorder(rows)
@@ -171,32 +155,37 @@ def test_cached_steps_take_the_policys_attention_path_and_match_the_full_pass(sd
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forced_attention_paths_give_the_auto_result(sdpa_calls, dtype: torch.dtype) -> None:
+def test_both_paths_give_one_result(sdpa_calls, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     mha = MultiHeadAttention(d_model=32, n_heads=4).eval().to(dtype)
     x = torch.randn(3, 6, 32, dtype=dtype)
     results = {}
     with torch.inference_mode():
-        for path in ("auto", "fused", "explicit"):
+        for path in ("fused", "explicit"):
             use_kernels(mha, Kernels(attention=path))
             sdpa_calls.clear()
             results[path] = mha(x, x, x, mask=causal_mask(6))[0].float()
-            assert len(sdpa_calls) == {"auto": int(dtype == torch.float32), "fused": 1, "explicit": 0}[path]
+            assert len(sdpa_calls) == {"fused": 1, "explicit": 0}[path]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(results["fused"], results["auto"], rtol=tol, atol=tol)
-    torch.testing.assert_close(results["explicit"], results["auto"], rtol=tol, atol=tol)
+    torch.testing.assert_close(results["explicit"], results["fused"], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("encoder", ["vit", "cnn"])
-def test_model_trains_on_sdpa_in_float32_and_explicit_under_cpu_bf16_autocast(sdpa_calls, encoder: str) -> None:
+def test_model_trains_alike_on_either_path_in_float32_and_under_cpu_bf16_autocast(sdpa_calls, encoder: str) -> None:
+    """The switch alone picks the path, in training too; both give the same loss and gradients."""
     torch.manual_seed(0)
     model = CaptionModel(tiny_model_config(encoder)).train()
     images, tokens = torch.randn(3, 3, 48, 48), torch.randint(1, 40, (3, 5))
+    attention_layers = sum(isinstance(m, MultiHeadAttention) for m in model.modules())
     for dtype in (torch.float32, torch.bfloat16):
-        sdpa_calls.clear()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(images, tokens)
-        logits.float().sum().backward()
-        attention_layers = sum(isinstance(m, MultiHeadAttention) for m in model.modules())
-        assert len(sdpa_calls) == (attention_layers if dtype == torch.float32 else 0), dtype
-        assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
+        grads = {}
+        for path in ("fused", "explicit"):
+            model.use_kernels(Kernels(attention=path)).zero_grad()
+            sdpa_calls.clear()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(images, tokens)
+            logits.float().square().mean().backward()
+            assert len(sdpa_calls) == (attention_layers if path == "fused" else 0), (dtype, path)
+            grads[path] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        fused, explicit = grads["fused"], grads["explicit"]
+        assert (explicit - fused).norm() / fused.norm() < (1e-4 if dtype == torch.float32 else 3e-2), dtype

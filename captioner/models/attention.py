@@ -337,7 +337,7 @@ class MultiHeadAttention(nn.Module):
             q = q.view(Bk, R, self.n_heads, Tq, self.d_head).transpose(1, 2).reshape(Bk, self.n_heads, R * Tq, -1)
 
         weights = None
-        if self.kernels.fused_attention(q, score=self.score.name, need_weights=need_weights):
+        if self.kernels.fused_attention(score=self.score.name, need_weights=need_weights):
             out = self._fused(q, k, v, mask)
         else:
             out, weights = self._explicit(q, k, v, mask)

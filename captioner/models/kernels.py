@@ -1,55 +1,43 @@
-"""Kernel policy: which attention path runs, decided in this one place.
+"""The attention switch: which path computes attention, decided in this one module.
 
-A `Kernels` value is a frozen setting owned by whoever holds the model (`CaptionModel.use_kernels`);
-the attention layers ask it and never pick a path themselves. Every decision is a pure function of the
-policy and the tensors at hand (their device, dtype, shape, and whether autograd is recording). Linear
-layers are plain `nn.Linear`.
+timm's way: one switch, held by every attention layer (here `Kernels`, a frozen value) and set for a
+whole model by its owner (`CaptionModel.use_kernels`); no layer picks a path from shapes, dtypes or
+thresholds measured on one machine. Linear layers are plain `nn.Linear`.
 
-Attention: F.scaled_dot_product_attention (fused) computes only the dot and scaled-dot scores and
-returns no weights; where it may run, it does unless the explicit path is the faster one: bfloat16 on
-the CPU (SDPA's CPU bf16 kernel is slow, with or without autograd), and float32 inference of a few
-queries over many rows (decoding steps of a batch or of beams), where batched matrix products tie or
-win. CUDA always keeps the fused kernel.
-
-The figures behind these choices, and the commands that reproduce them: benchmarks/NOTES.md.
+Two paths give one result. The fused path is F.scaled_dot_product_attention, which picks its own
+kernel for the device; it computes only the dot and scaled-dot scores and returns no weights. The
+explicit path (scores -> masked softmax -> weighted sum, `MultiHeadAttention._explicit`) computes every
+score, returns the weights the overlays draw, and is the reference the fused path is tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 # Scores that F.scaled_dot_product_attention computes itself (dot is scaled_dot with scale 1), so
 # only these can take the fused path; general and additive always go through the explicit path.
 FUSED_SCORES = ("dot", "scaled_dot")
-ATTENTION_PATHS = ("auto", "fused", "explicit")
+ATTENTION_PATHS = ("fused", "explicit")
 
 
 @dataclass(frozen=True)
 class Kernels:
     """Which attention path the model's layers run; set on a model with `CaptionModel.use_kernels`."""
 
-    # auto: fused SDPA unless the explicit path is the faster one for these queries (module docstring).
-    # fused / explicit: that path wherever it can compute the result (benchmarks, tests).
-    attention: str = "auto"
+    # fused: SDPA wherever it can compute the result, the explicit path elsewhere. explicit: the explicit
+    # path everywhere (A/B benchmarks, tests, and a CPU whose SDPA kernel is the slower one in some dtype).
+    attention: str = "fused"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {self.attention!r}")
 
-    def fused_attention(self, q: torch.Tensor, *, score: str, need_weights: bool) -> bool:
-        """Whether queries q (B, H, Tq, Dh) take F.scaled_dot_product_attention rather than the explicit path."""
-        if need_weights or score not in FUSED_SCORES or self.attention == "explicit":
-            return False  # SDPA returns no weights and knows no other score
-        if self.attention == "fused" or q.device.type != "cpu":
-            return True
-        # auto on the CPU: explicit in bf16, and for float32 inference of a few queries over many rows.
-        if q.dtype == torch.bfloat16:
-            return False
-        B, H, Tq, _ = q.shape
-        return q.requires_grad or Tq > 4 or B * H < 64
+    def fused_attention(self, *, score: str, need_weights: bool) -> bool:
+        """Whether attention with this score takes F.scaled_dot_product_attention rather than the explicit path."""
+        # SDPA returns no weights and knows no other score
+        return self.attention == "fused" and not need_weights and score in FUSED_SCORES
 
 
 def use_kernels(module: nn.Module, kernels: Kernels) -> None:
@@ -57,4 +45,3 @@ def use_kernels(module: nn.Module, kernels: Kernels) -> None:
     for m in module.modules():
         if isinstance(getattr(m, "kernels", None), Kernels):
             m.kernels = kernels
-
