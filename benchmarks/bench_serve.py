@@ -45,10 +45,11 @@ LIMIT_MB = 20  # the server's default upload cap
 
 
 def make_photos(folder: Path, n: int, size: int) -> list[Path]:
-    """N scenes of the built-in world (`captioner data synth`) saved as JPEG, quality 90."""
+    """N scenes of the built-in world (what `captioner data synth` writes) saved as JPEG, quality 90."""
+    from captioner.data.synthetic import write_synthetic
+
     scenes = folder / "scenes"
-    subprocess.run([sys.executable, "-m", "captioner", "data", "synth", "--out", str(scenes), "--n", str(n),
-                    "--split", "test", "--image-size", str(size)], check=True, capture_output=True)
+    write_synthetic(scenes, n, split="test", image_size=size)
     photos = folder / "photos"
     photos.mkdir()
     paths = []
