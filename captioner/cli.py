@@ -19,15 +19,15 @@ import typer
 from captioner import __version__
 from captioner.config import (
     PRECISION_HELP,
-    TRAIN_OPTIONS,
     Device,
     Format,
+    ModelConfig,
     Precision,
-    ScoreChoice,
     SCSTConfig,
     Split,
     TrainConfig,
     Which,
+    declared,
 )
 from captioner.errors import CaptionerError, ConfigError, printable
 
@@ -148,21 +148,24 @@ def _declared_option(config: type, name: str) -> Any:
     return Annotated[kind | None, typer.Option(*flags, min=spec.low, max=spec.high, help=spec.help)]
 
 
-def _with_train_options(fn: F) -> F:
-    """Give a command an option for every TrainConfig field the command line sets, and pass their values as one
-    dict, `options`: each option's flag, help, bounds and choices are declared once, with its field."""
-    names = [name for name, declared in TRAIN_OPTIONS.items() if declared.cli]
+def _with_options(config: type, into: str) -> Callable[[F], F]:
+    """Give a command a flag for every field of `config` declared with one, in place of its parameter `into`,
+    which receives their values as one dict: each flag's help, bounds and choices are declared once, in config.py."""
+    names = [name for name, spec in declared(config).items() if spec.cli]
 
-    @functools.wraps(fn)
-    def wrapper(**kwargs: Any) -> Any:
-        return fn(options={name: kwargs.pop(name) for name in names}, **kwargs)
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            return fn(**{into: {name: kwargs.pop(name) for name in names}}, **kwargs)
 
-    signature = inspect.signature(fn, eval_str=True)
-    options = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                 annotation=_declared_option(TrainConfig, name)) for name in names]
-    rest = [p for p in signature.parameters.values() if p.name != "options"]
-    wrapper.__signature__ = signature.replace(parameters=[*options, *rest])  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
+        signature = inspect.signature(fn, eval_str=True)
+        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=_declared_option(config, name)) for name in names]
+        parameters = [q for p in signature.parameters.values() for q in (flags if p.name == into else [p])]
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 ScstSamples = _declared_option(SCSTConfig, "samples")
@@ -171,30 +174,15 @@ ScstBaseline = _declared_option(SCSTConfig, "baseline")
 
 @app.command()
 @user_errors
-@_with_train_options
+@_with_options(TrainConfig, "options")
+@_with_options(ModelConfig, "model_options")
 def train(
+    *,
     options: dict[str, Any],
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<encoder>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
-    image_size: Annotated[int | None, typer.Option(min=16, max=1024)] = None,
-    patch_size: Annotated[int | None, typer.Option(min=1, max=256, help="ViT patch side (divides image size).")] = None,
-    cnn_arch: Annotated[str | None, typer.Option(help="resnet_small, resnet18, resnet34 or resnet50.")] = None,
-    cnn_stride: Annotated[int | None, typer.Option(help="CNN output stride: 16 or 32.")] = None,
-    pretrained: Annotated[bool | None, typer.Option(
-        "--pretrained/--scratch",
-        help="Start the encoder from torchvision's ImageNet weights: --backbone-weights, else torchvision's cache, "
-             "else downloaded into it. A preset encoder without such weights (tiny's) becomes resnet50 (cnn) or "
-             "vit_b_16 (vit) at 224 px, unless --cnn-arch/--image-size say otherwise.")] = None,
-    backbone_weights: Annotated[Path | None, typer.Option(
-        help="Local state-dict file of the backbone (e.g. torchvision's resnet50-11ad3fa6.pth); never downloaded. "
-             "Implies a torchvision backbone as --pretrained does.")] = None,
-    freeze_backbone: Annotated[bool | None, typer.Option("--freeze-backbone/--finetune-backbone")] = None,
-    cross_score: Annotated[ScoreChoice | None, typer.Option(help="Cross-attention scoring function.")] = None,
-    vit_backbone: Annotated[str | None, typer.Option(help="ours or vit_b_16 (torchvision body, local weights).")
-                            ] = None,
-    vit_pos: Annotated[str | None, typer.Option(help="ViT positions: sinusoidal or learned.")] = None,
-    cls_token: Annotated[bool | None, typer.Option("--cls-token/--no-cls-token", help="ViT CLS slot.")] = None,
+    model_options: dict[str, Any],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model field override, e.g. d_model=256.")] = None,
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
     scst: Annotated[bool, typer.Option(help="Self-critical fine-tuning (CIDEr-D reward) of --resume RUN.")] = False,
@@ -206,10 +194,7 @@ def train(
     from captioner.config import resolve
 
     # --set may name a field that has its own option too (--set cnn_arch=resnet18): it wins, as the later word.
-    model_cli = {**dict(image_size=image_size, patch_size=patch_size, cnn_arch=cnn_arch, cnn_stride=cnn_stride,
-                        pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
-                        freeze_backbone=freeze_backbone, cross_score=cross_score, vit_backbone=vit_backbone,
-                        vit_pos=vit_pos, cls_token=cls_token), **_parse_set(set_ or [])}
+    model_cli = {**model_options, **_parse_set(set_ or [])}
     if not scst and (scst_samples is not None or scst_baseline is not None):
         raise ConfigError("--scst-samples and --scst-baseline only apply with --scst")
     if scst and resume is None:

@@ -138,48 +138,99 @@ def check_types(config: Any) -> None:
             raise ConfigError(f"{f.name} must be a string{'' if f.type == 'str' else ' or null'}, got {value!r}")
 
 
-# Bounds of the model's sizes, inclusive: far beyond any captioner, yet a crafted config.json (a run
-# directory from elsewhere) cannot make loading allocate a model the size of the machine.
-MODEL_BOUNDS = dict(image_size=(1, 1024), patch_size=(1, 256), d_model=(1, 8192), n_heads=(1, 256),
-                    n_layers=(1, 64), enc_layers=(0, 64), d_ff=(1, 65536), vocab_size=(1, 1_000_000))
+@dataclass(frozen=True)
+class Option:
+    """What the command line and validation know of a config field, declared beside it by `option`."""
+
+    help: str | None = None  # the --help text (None: the flag alone)
+    low: float | None = None  # inclusive bounds of a number; high None = no upper bound
+    high: float | None = None
+    choices: type[Enum] | None = None  # the fixed set of values, shown as --x [a|b]
+    flag: str | None = None  # the flag, where it is not the field's name (--images for image_dir)
+    cli: bool = True  # False: no flag of its own in `captioner train` (a config file sets it; --set a model's)
+
+
+def option(default: Any, help: str | None = None, **spec: Any) -> Any:
+    """A config field declared once: its default, and the help, bounds and choices the CLI and validation use."""
+    return field(default=default, metadata={"option": Option(help, **spec)})
+
+
+def declared(config: Any) -> dict[str, Option]:
+    """The `option` declarations of a config dataclass's fields, by field name."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(config) if "option" in f.metadata}
+
+
+def check_bounds(config: Any) -> None:
+    """Refuse a number outside the bounds its field declares; None passes where the field's type allows it."""
+    for f in dataclasses.fields(config):
+        spec, value, kind = f.metadata.get("option"), getattr(config, f.name), str(f.type)
+        if spec is None or spec.low is None or (value is None and kind.endswith("| None")):
+            continue
+        check = check_int if kind.startswith("int") else check_number
+        check(f.name, value, spec.low, spec.high)
+
+
 MAX_PARAMETERS = 2e9  # 8 GB of float32 weights
 MAX_GRID_SIDE = 128  # ViT patches a side: 16384 regions
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a CaptionModel with identical parameter shapes."""
+    """Everything needed to rebuild a CaptionModel with identical parameter shapes.
+
+    The sizes declare their bounds (`option`): far beyond any captioner, yet a crafted config.json (a run
+    directory from elsewhere) cannot make loading allocate a model the size of the machine. The fields
+    with a flag of their own in `captioner train` declare its help too.
+    """
 
     encoder: str = "vit"  # "vit" (patches) or "cnn" (ResNet feature map flattened to regions)
-    image_size: int = 96  # square side the preprocessing resizes to; the synthetic world renders at this size
-    d_model: int = 128  # width D shared by encoder memory and decoder, so cross-attention needs no adapter
-    n_heads: int = 4  # heads in every attention block; d_model must divide by it
-    n_layers: int = 2  # decoder layers (masked self-attn -> cross-attn -> FFN)
-    d_ff: int = 512  # hidden width of the feed-forward blocks (4*D is the usual ratio)
+    # Square side the preprocessing resizes to; the synthetic world renders at this size.
+    image_size: int = option(96, low=1, high=1024)
+    # Width D shared by encoder memory and decoder, so cross-attention needs no adapter.
+    d_model: int = option(128, low=1, high=8192, cli=False)
+    n_heads: int = option(4, low=1, high=256, cli=False)  # heads in every attention block; d_model must divide by it
+    n_layers: int = option(2, low=1, high=64, cli=False)  # decoder layers (masked self-attn -> cross-attn -> FFN)
+    # Hidden width of the feed-forward blocks (4*D is the usual ratio).
+    d_ff: int = option(512, low=1, high=65536, cli=False)
     dropout: float = 0.1  # on residual branches and embeddings; off at eval
     attn_dropout: float = 0.0  # on attention weights; 0 lets the fused SDPA kernel run (dropout forces the slow path)
-    vocab_size: int = 64  # set from the Vocabulary when a run starts; the output layer is tied to the embedding
+    # Set from the Vocabulary when a run starts; the output layer is tied to the embedding.
+    vocab_size: int = option(64, low=1, high=1_000_000, cli=False)
     pad_id: int = 0  # the vocabulary's <pad> id, so the embedding can keep it at zero
-    cross_score: str = "scaled_dot"  # scoring function of decoder cross-attention: dot|scaled_dot|general|additive
+    # Scoring function of decoder cross-attention.
+    cross_score: str = option("scaled_dot", "Cross-attention scoring function.", choices=ScoreChoice)
     norm_first: bool = True  # pre-LN (stable without warm-up tricks); False = post-LN as in Vaswani et al.
     # ViT encoder
-    patch_size: int = 12  # kernel = stride of the patch embedding; image_size / patch_size = grid side
-    enc_layers: int = 2  # ViT encoder layers (pre-LN self-attention + MLP)
-    vit_pos: str = "sinusoidal"  # "sinusoidal" (any grid size) or "learned" (interpolated for other sizes)
-    cls_token: bool = False  # prepend a learned CLS slot; it is dropped from the memory the decoder sees
-    vit_backbone: str = "ours"  # "ours" or "vit_b_16" (torchvision ViT-B/16 body, which has ImageNet weights)
+    # Kernel = stride of the patch embedding; image_size / patch_size = grid side.
+    patch_size: int = option(12, "ViT patch side (divides image size).", low=1, high=256)
+    enc_layers: int = option(2, low=0, high=64, cli=False)  # ViT encoder layers (pre-LN self-attention + MLP)
+    # "sinusoidal" (any grid size) or "learned" (interpolated for other sizes)
+    vit_pos: str = option("sinusoidal", "ViT positions: sinusoidal or learned.")
+    # Prepend a learned CLS slot; it is dropped from the memory the decoder sees.
+    cls_token: bool = option(False, "ViT CLS slot.", flag="--cls-token/--no-cls-token")
+    # "ours" or "vit_b_16" (torchvision ViT-B/16 body, which has ImageNet weights)
+    vit_backbone: str = option("ours", "ours or vit_b_16 (torchvision body, local weights).")
     # How our ViT embeds a patch: "linear" (one linear map of its pixels, Dosovitskiy et al.), "conv" (two
     # stride-2 3x3 convolutions first, Xiao et al. 2021) or "resnet" (the hybrid: patches of a stride-16 CNN
     # feature map, Dosovitskiy et al. section 3.1; 1x1 patches at patch_size 16). Same patch grid for all three.
     vit_stem: str = "linear"
     # CNN encoder
-    cnn_arch: str = "resnet18"  # ResNet whose last feature map becomes the region sequence (resnet_small: ours)
-    cnn_stride: int = 16  # 32 = all four stages; 16 drops layer4 so small images still give a useful grid
+    # ResNet whose last feature map becomes the region sequence (resnet_small: ours).
+    cnn_arch: str = option("resnet18", "resnet_small, resnet18, resnet34 or resnet50.")
+    # 32 = all four stages; 16 drops layer4 so small images still give a useful grid.
+    cnn_stride: int = option(16, "CNN output stride: 16 or 32.")
     # Start the backbone from torchvision's ImageNet weights: backbone_weights, else torchvision's cache, else
     # downloaded into that cache as torchvision does.
-    pretrained: bool = False
-    backbone_weights: str | None = None  # local state-dict file for the backbone (read, never downloaded)
-    freeze_backbone: bool = False  # keep backbone weights fixed (decided here, applied once in the encoder)
+    pretrained: bool = option(False, "Start the encoder from torchvision's ImageNet weights: --backbone-weights, "
+                              "else torchvision's cache, else downloaded into it. A preset encoder without such "
+                              "weights (tiny's) becomes resnet50 (cnn) or vit_b_16 (vit) at 224 px, unless "
+                              "--cnn-arch/--image-size say otherwise.", flag="--pretrained/--scratch")
+    # A local state-dict file for the backbone (read, never downloaded).
+    backbone_weights: str | None = option(None, "Local state-dict file of the backbone (e.g. torchvision's "
+                                          "resnet50-11ad3fa6.pth); never downloaded. Implies a torchvision "
+                                          "backbone as --pretrained does.")
+    # Keep backbone weights fixed (decided here, applied once in the encoder).
+    freeze_backbone: bool = option(False, flag="--freeze-backbone/--finetune-backbone")
     # A head that predicts from the pooled memory which words the image's captions contain, trained beside
     # the captions (--concept-loss): set from the training options, unused at inference.
     concept_head: bool = False
@@ -204,8 +255,7 @@ class ModelConfig:
         if self.vit_backbone not in ("ours", "vit_b_16"):
             raise ConfigError(f"vit_backbone must be ours or vit_b_16, got {self.vit_backbone!r}")
         check_types(self)  # after the choices, whose messages name what is allowed
-        for name, (low, high) in MODEL_BOUNDS.items():
-            check_int(name, getattr(self, name), low, high)
+        check_bounds(self)
         check_int("pad_id", self.pad_id, 0, self.vocab_size - 1)
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -300,38 +350,6 @@ RENAMED = {"images": "image_dir"}
 # Model fields that are not options: the vocabulary sets them when a run starts (the concept head: --concept-loss).
 FROM_VOCABULARY = ("vocab_size", "pad_id")
 DERIVED_MODEL_FIELDS = (*FROM_VOCABULARY, "concept_head")
-
-
-@dataclass(frozen=True)
-class Option:
-    """What the command line and validation know of a training option, declared beside its field by `option`."""
-
-    help: str | None = None  # the --help text (None: the flag alone)
-    low: float | None = None  # inclusive bounds of a number; high None = no upper bound
-    high: float | None = None
-    choices: type[Enum] | None = None  # the fixed set of values, shown as --x [a|b]
-    flag: str | None = None  # the flag, where it is not the field's name (--images for image_dir)
-    cli: bool = True  # False: set only by a config file (the built-in world's sizes)
-
-
-def option(default: Any, help: str | None = None, **spec: Any) -> Any:
-    """A config field declared once: its default, and the help, bounds and choices the CLI and validation use."""
-    return field(default=default, metadata={"option": Option(help, **spec)})
-
-
-def declared(config: Any) -> dict[str, Option]:
-    """The `option` declarations of a config dataclass's fields, by field name."""
-    return {f.name: f.metadata["option"] for f in dataclasses.fields(config) if "option" in f.metadata}
-
-
-def check_bounds(config: Any) -> None:
-    """Refuse a number outside the bounds its field declares; None passes where the field's type allows it."""
-    for f in dataclasses.fields(config):
-        spec, value, kind = f.metadata.get("option"), getattr(config, f.name), str(f.type)
-        if spec is None or spec.low is None or (value is None and kind.endswith("| None")):
-            continue
-        check = check_int if kind.startswith("int") else check_number
-        check(f.name, value, spec.low, spec.high)
 
 
 @dataclass
