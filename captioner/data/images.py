@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFile, ImageOps, UnidentifiedImageError
 
+from captioner.config import ModelConfig, check_int, declared
 from captioner.errors import ConfigError, ImageError
 
 # ImageNet statistics: what torchvision's pretrained backbones were trained with, so pretrained
@@ -225,9 +226,8 @@ class Preprocess:
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
 
     def __post_init__(self) -> None:
-        size = self.image_size
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1024:  # ModelConfig's bound
-            raise ConfigError(f"image_size must be an integer in [1, 1024], got {size!r}")
+        size = declared(ModelConfig)["image_size"]  # the bounds a model's image size has
+        check_int("image_size", self.image_size, size.low, size.high)
         try:
             self.mean = tuple(float(m) for m in self.mean)
             self.std = tuple(float(s) for s in self.std)
