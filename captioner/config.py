@@ -139,7 +139,7 @@ def check_types(config: Any) -> None:
 
 
 @dataclass(frozen=True)
-class Option:
+class OptionSpec:
     """What the command line and validation know of a config field, declared beside it by `option`."""
 
     help: str | None = None  # the --help text (None: the flag alone)
@@ -152,10 +152,10 @@ class Option:
 
 def option(default: Any, help: str | None = None, **spec: Any) -> Any:
     """A config field declared once: its default, and the help, bounds and choices the CLI and validation use."""
-    return field(default=default, metadata={"option": Option(help, **spec)})
+    return field(default=default, metadata={"option": OptionSpec(help, **spec)})
 
 
-def declared(config: Any) -> dict[str, Option]:
+def declared(config: Any) -> dict[str, OptionSpec]:
     """The `option` declarations of a config dataclass's fields, by field name."""
     return {f.name: f.metadata["option"] for f in dataclasses.fields(config) if "option" in f.metadata}
 
