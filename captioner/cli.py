@@ -178,11 +178,11 @@ ScstBaseline = _declared_option(SCSTConfig, "baseline")
 @_with_options(ModelConfig, "model_options")
 def train(
     *,
-    options: dict[str, Any],
+    options: dict[str, Any],  # a flag for each TrainConfig field that declares one (config.py), gathered here
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<encoder>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML or JSON file of options; the command line wins.")] = None,
-    model_options: dict[str, Any],
+    model_options: dict[str, Any],  # the same for ModelConfig's: --image-size, --patch-size ...
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model field override, e.g. d_model=256.")] = None,
     skip_bad_images: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
     scst: Annotated[bool, typer.Option(help="Self-critical fine-tuning (CIDEr-D reward) of --resume RUN.")] = False,
