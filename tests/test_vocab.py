@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from captioner.data.fastload import fast_tokenize
 from captioner.data.synthetic import SyntheticWorld
 from captioner.data.vocab import Vocabulary, tokenize
 from captioner.errors import DataError
@@ -23,6 +28,32 @@ from captioner.errors import DataError
 ])
 def test_tokenize(text: str, tokens: list[str]) -> None:
     assert tokenize(text) == tokens
+
+
+def _tokenize_before(text: str) -> list[str]:
+    """The tokenizer as it was before it became the plain regex (commit 7128327): the reference for both."""
+    if text.isascii():
+        table = bytearray(range(256))
+        for i in range(128):
+            table[i] = ord(chr(i).lower()) if chr(i).isalnum() or chr(i) in ",:" else ord(" ")
+        data = text.encode("ascii").translate(bytes(table), b"'`")
+        return data.replace(b",", b" , ").replace(b":", b" : ").decode("ascii").split()
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.findall(r"[^\W_]+|[,:]", re.sub(r"['\u2019\u2018`]", "", text))
+
+
+# Captions-like text: ASCII with its punctuation and control characters, then any Unicode at all.
+_ASCII_TEXT = st.text(st.characters(max_codepoint=127), max_size=60)
+_ANY_TEXT = st.text(st.sampled_from("aZ9 _-,:;.'`\u2019\u2018!?\t\n\u00e9\u00c9\ufb01\u2160\u0130\u00df\uff21\u0660")
+                    | st.characters(), max_size=60)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_ASCII_TEXT, _ANY_TEXT))
+def test_tokenize_and_the_fast_tokenizer_give_the_tokens_they_gave_before(text: str) -> None:
+    """Tokens decide the vocabulary and the cached samples: the plain tokenizer and the readers' fast one
+    (captioner/data/fastload.py) must give exactly the tokens the tokenizer gave before."""
+    assert tokenize(text) == fast_tokenize(text) == _tokenize_before(text)
 
 
 def test_build_orders_by_count_then_alphabet_and_respects_limits() -> None:

@@ -25,17 +25,26 @@ from captioner.errors import DataError
 
 MODES = ("random", "all")
 _MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment: 2^64 / the golden ratio
+
+
+def _splitmix64(x: int) -> int:
+    """One step of splitmix64 (Steele, Lea and Flood, 2014): advance a 64-bit state and scramble it."""
+    x = (x + _GOLDEN_GAMMA) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def _mix(*values: int) -> int:
-    """A 64-bit hash of integers (splitmix64 steps): cheap, stateless, identical in every process."""
-    h = 0x9E3779B97F4A7C15
+    """A 64-bit hash of integers, each folded into the state before a splitmix64 step.
+
+    Written out rather than `hash((seed, epoch, index))`, whose tuple hashing changed in Python 3.8 and differs
+    on 32-bit builds: the captions and augmentation an item gets must not, for runs to resume the same.
+    """
+    h = _GOLDEN_GAMMA
     for v in values:
-        h = (h ^ (v & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
+        h = _splitmix64(h ^ (v & _MASK64))
     return h
 
 

@@ -23,46 +23,30 @@ same whether or not its target exists: the file system is never asked.
 from __future__ import annotations
 
 import csv
-import gc
 import hashlib
 import io
 import json
 import os
 import statistics
-import time
-import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from contextlib import suppress
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
-from pathlib import Path, PosixPath
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from captioner.config import FORMATS, SPLITS, TrainConfig
+from captioner.data.fastload import fast_tokenize, remembered, samples_cache_dir
 from captioner.data.images import load_image
-from captioner.data.scan import Progress, default_cache_dir, gc_paused, replace_json, scan_images
+from captioner.data.samples import Sample, SampleList
+from captioner.data.scan import Progress, gc_paused, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
-from captioner.data.vocab import Caption, Vocabulary, tokenize
+from captioner.data.vocab import Caption, Vocabulary, token_count, tokens_of
 from captioner.errors import DataError
 
 MAX_CAPTION_TOKENS = 100  # longer "captions" are paragraphs or broken rows, not captions: dropped and counted
 HASH_SPLIT = (90, 5, 5)  # train/val/test percentages for datasets that carry no split
-
-# The samples cache (see _remembered). Bump SAMPLES_VERSION when a reader, _clean or tokenize changes what the
-# same file gives; NFKC's tables come with Python, so captions tokenised under another Unicode version are redone.
-SAMPLES_VERSION = 1
-SAMPLES_CHECKER = f"load_samples {SAMPLES_VERSION}, Unicode {unicodedata.unidata_version}"
-CACHE_MIN_BYTES = 1 << 20  # smaller annotation files read in a fraction of a second: no cache file for them
-RECENT_NS = 2_000_000_000  # a file changed this close to the read may change again within its mtime tick
-# A data set this large (COCO: 118k images, ~1.2M objects with their captions and paths) lives as long as the
-# process: once read, everything alive is moved to the collector's permanent generation (gc.freeze), so the
-# collections that later allocations start (the scan, imports, training) no longer walk it; at COCO's size
-# the first full ones took ~1.3 s of a warm start. Frozen objects are still freed when nothing refers to them;
-# only a reference cycle among them would outlive its use, and samples form none.
-FREEZE_MIN_SAMPLES = 10_000
 
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test"}
@@ -70,59 +54,6 @@ _IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "file", "path"
 _CAPTION_COLUMNS = ("caption", "text", "sentence", "comment", "description")
 _JSON_FORMATS = ("auto", "coco", "karpathy", "jsonl")  # those that read a .json file as JSON
 _IMAGE_DIR_NAMES = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "imgs")
-
-
-class _PathText(str):
-    """A sample's path as text, as the samples cache holds it (str(Path)): its Path is built when first read."""
-
-    __slots__ = ()
-
-
-class _LazyPath:
-    """Sample.path: what was set, except that a _PathText becomes its Path when first read (and stays one).
-
-    Building COCO's 118k Paths and then their text again for the scan took ~0.6 s of a warm start; a cached
-    sample's Path is built when something reads it: one per image the loader opens, all of them only if a
-    caller asks. The scan reads the text (`_stored_path`).
-    """
-
-    def __get__(self, sample: Sample | None, owner: type | None = None) -> Path | None:
-        if sample is None:
-            return None  # the field's default (dataclasses reads it from the class)
-        path = sample.__dict__.get("path")  # absent only in an instance made without __init__: the default
-        if type(path) is _PathText:
-            path = sample.__dict__["path"] = Path(path)
-        return path
-
-    def __set__(self, sample: Sample, value: Path | None) -> None:
-        sample.__dict__["path"] = value
-
-
-@dataclass
-class Sample:
-    """One image with its reference captions: a file (`path`) or a scene of the synthetic world (`scene`)."""
-
-    image_id: str
-    captions: list[str]
-    split: str
-    path: Path | None = _LazyPath()  # type: ignore[assignment]  # a Path (or None) whenever it is read
-    scene: Scene | None = None
-
-
-def _stored_path(sample: Sample) -> Path | str | None:
-    """sample.path as stored: the text of a cached sample whose Path was not built yet, else sample.path."""
-    stored = getattr(sample, "__dict__", {}).get("path", None)
-    return stored if type(stored) is _PathText else sample.path
-
-
-class SampleList(list):
-    """A list of Samples that also remembers where it came from and what loading changed."""
-
-    def __init__(self, samples: Iterable[Sample] = (), *, source: str = "", format: str = "",
-                 notes: Sequence[str] = (), has_splits: bool = True) -> None:
-        super().__init__(samples)
-        self.source, self.format, self.notes = source, format, list(notes)
-        self.has_splits = has_splits  # False: no entry named a split, so the splits are hash buckets
 
 
 def split_or_whole(samples: SampleList, split: str) -> tuple[list[Sample], str | None]:
@@ -158,7 +89,7 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
     """Read a dataset (or build the synthetic world when `data` is None) into samples with splits.
 
     A large annotations file's samples are remembered between starts (`cache`: True for the user's cache
-    directory, a folder, or False for none; see `_remembered`).
+    directory, a folder, or False for none; see `fastload`).
     """
     if format not in FORMATS:
         raise DataError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -177,14 +108,11 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
     image_dir = Path(image_dir) if image_dir is not None else None
     if image_dir is not None and not image_dir.is_dir():
         raise DataError(f"{image_dir}: images folder not found")
-    with gc_paused():
+    with gc_paused():  # a large data set is ~1M objects: see gc_paused
         if cache is False:
-            samples = _read_file(path, image_dir, format)
-        else:
-            samples = _remembered(path, image_dir, format, samples_cache_dir() if cache is True else Path(cache))
-        if len(samples) >= FREEZE_MIN_SAMPLES:
-            gc.freeze()  # see FREEZE_MIN_SAMPLES
-    return samples
+            return _read_file(path, image_dir, format)
+        return remembered(path, image_dir, format, samples_cache_dir() if cache is True else Path(cache),
+                          read=_read_file)
 
 
 def _read_file(path: Path, image_dir: Path | None, format: str) -> SampleList:
@@ -201,111 +129,6 @@ def _read_file(path: Path, image_dir: Path | None, format: str) -> SampleList:
         raise DataError(f"{path}: no images with usable captions")
     return SampleList(samples, source=str(path), format=fmt, notes=notes,
                       has_splits=any(r.split is not None for r in raw))
-
-
-# ----------------------------------------------------------------------------- the samples cache
-
-
-def samples_cache_dir() -> Path:
-    """Where load_samples remembers large annotation files: beside the scan cache, in the user's cache directory."""
-    return default_cache_dir().parent / "samples"
-
-
-def _remembered(path: Path, image_dir: Path | None, format: str, cache_dir: Path) -> SampleList:
-    """The samples of a large annotations file, from the cache when nothing they came from has changed.
-
-    The cache holds what `_read_file` returned (captions with their tokens), one JSON file per (annotations
-    file, format, image folder, and the working directory when a path is relative), and is trusted only
-    while the annotations file keeps its size and mtime and the folders the images were found in, and
-    those where the image folder is looked for, keep theirs (`_folders_of`): adding, removing or re-pointing
-    an entry there (an image, a symlink, a candidate folder) changes a folder's mtime, and the next load
-    reads the file again, so the image folder is found as it is without a cache. Like the
-    scan cache it is only a hint: unreadable, malformed or stale files are ignored and replaced.
-    """
-    relative = not path.is_absolute() or (image_dir is not None and not image_dir.is_absolute())
-    key = "\0".join([os.getcwd() if relative else "", os.path.abspath(path), format,
-                     "" if image_dir is None else os.path.abspath(image_dir)])
-    file = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-    st = os.stat(path)
-    if st.st_size < CACHE_MIN_BYTES:
-        return _read_file(path, image_dir, format)
-    stamp = {"checker": SAMPLES_CHECKER, "key": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    samples = _read_samples_cache(file, stamp)
-    if samples is not None:
-        return samples
-    started = time.time_ns()
-    samples = _read_file(path, image_dir, format)
-    dirs = _folders_of(path, samples)
-    recent = started - RECENT_NS
-    if st.st_mtime_ns < recent and all(m < recent for m in dirs.values()) \
-            and all(s.scene is None for s in samples):  # scenes are regenerated from the world, not stored
-        _write_samples_cache(file, {**stamp, "dirs": dirs}, samples)
-    return samples
-
-
-def _folders_of(annotations: Path, samples: Sequence[Sample]) -> dict[str, int]:
-    """mtime (ns) of each folder whose entries decided where the images are: those holding them, the folders
-    between them and the deepest one they share, that one's parent (the image folder's siblings: other
-    candidates), and the annotations' folder (where the image folder is looked for first)."""
-    parents = {os.path.abspath(d) for d in {os.path.dirname(s.path) for s in samples if s.path is not None}}
-    shared = os.path.commonpath(list(parents)) if parents else None
-    folders = {os.path.dirname(os.path.abspath(annotations))}
-    if shared is not None:
-        folders.add(os.path.dirname(shared))
-    for d in parents:
-        while d not in folders:
-            folders.add(d)
-            if d == shared or os.path.dirname(d) == d:
-                break
-            d = os.path.dirname(d)
-    out: dict[str, int] = {}
-    for d in sorted(folders):
-        with suppress(OSError):
-            out[d] = os.stat(d).st_mtime_ns
-    return out
-
-
-def _read_samples_cache(file: Path, stamp: dict[str, Any]) -> SampleList | None:
-    """The remembered samples when `stamp` and every folder's mtime still match, else None."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):  # absent, unreadable, not UTF-8, not JSON: read the annotations
-        return None
-    if not isinstance(data, dict) or any(data.get(k) != v for k, v in stamp.items()):
-        return None
-    try:
-        if any(os.stat(d).st_mtime_ns != m for d, m in data["dirs"].items()):
-            return None
-        return _unpack(data)
-    except (OSError, KeyError, TypeError, ValueError, AttributeError):  # a folder gone, a malformed file
-        return None
-
-
-def _unpack(data: dict[str, Any]) -> SampleList:
-    """Samples from the cache's columns (the inverse of _write_samples_cache's)."""
-    ids, paths, splits, counts = data["ids"], data["paths"], data["splits"], data["counts"]
-    texts, normals = data["captions"], data["normals"]
-    if not ids or not len(ids) == len(paths) == len(splits) == len(counts) \
-            or not len(texts) == len(normals) == sum(counts) or not set(splits) <= set(SPLITS) \
-            or not all(set(map(type, column)) <= {str} for column in (ids, paths, texts, normals)) \
-            or not set(map(type, counts)) <= {int} or min(counts) < 0:
-        raise ValueError("inconsistent samples cache")
-    captions = Caption.many(texts, normals)
-    ends = list(accumulate(counts))
-    groups = list(map(captions.__getitem__, map(slice, [0, *ends[:-1]], ends)))
-    return SampleList(map(Sample, ids, groups, splits, map(_PathText, paths)), source=data["source"],
-                      format=data["format"], notes=data["notes"], has_splits=data["has_splits"])
-
-
-def _write_samples_cache(file: Path, stamp: dict[str, Any], samples: SampleList) -> None:
-    """The samples as columns of one JSON file, replaced in one step (scan.replace_json)."""
-    data = {**stamp, "source": samples.source, "format": samples.format, "notes": samples.notes,
-            "has_splits": samples.has_splits, "ids": [s.image_id for s in samples],
-            "paths": [str(s.path) for s in samples], "splits": [s.split for s in samples],
-            "counts": [len(s.captions) for s in samples], "captions": [c for s in samples for c in s.captions],
-            "normals": [c.normal for s in samples for c in s.captions]}
-    replace_json(file, data)
 
 
 def _annotations_in_folder(folder: Path) -> Path:
@@ -426,7 +249,7 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
         kept: list[str] = []
         for text in r.captions:
             c = " ".join(str(text).split())
-            words = tokenize(c)  # once: the Caption carries them to the vocabulary and the dataset
+            words = fast_tokenize(c)  # once: the Caption carries them to the vocabulary and the dataset
             if not words:
                 empty += 1
             elif len(words) > MAX_CAPTION_TOKENS:
@@ -731,19 +554,16 @@ def check_images(samples: Sequence[Sample], *, workers: int = 16, cache: bool | 
     Files found usable by an earlier scan and unchanged since are not opened again (`scan.scan_images`:
     cache True for the user's cache directory, a folder, or False); on_progress(done, total) as it goes.
     """
-    stored = list(map(_stored_path, samples))
-    rendered = sum(1 for s, p in zip(samples, stored, strict=True) if p is None and s.scene is not None)
-    # Equal PosixPaths are those with equal text, so repeats are dropped by text, which the scan needs anyway
-    # (hashing a Path costs as much as its text again); other paths (Windows' ignore case) by their Path.
-    key = os.fspath if set(map(type, stored)) <= {PosixPath, _PathText, type(None)} else Path
-    files = list(dict.fromkeys(map(key, (p for p in stored if p is not None))))
+    rendered = sum(1 for s in samples if s.path is None and s.scene is not None)
+    # The scan works on text, so repeats are dropped by text; each failed file is reported by its first sample.
+    first: dict[str, Path] = {}
+    for s in samples:
+        if s.path is not None:
+            first.setdefault(str(s.path), s.path)
+    files = list(first)
     reasons = scan_images(files, workers=workers, cache=cache, on_progress=on_progress)
-    failed = {f: r for f, r in zip(files, reasons, strict=True) if r is not None}
-    first: dict[str | Path, Path] = {}  # a failed file's first sample's Path: the one reported
-    for s, p in zip(samples, stored, strict=True) if failed else ():
-        if p is not None and key(p) in failed:
-            first.setdefault(key(p), s.path)
-    return len(files) - len(failed) + rendered, [(first[f], r) for f, r in failed.items()]
+    bad = [(first[f], r) for f, r in zip(files, reasons, strict=True) if r is not None]
+    return len(files) - len(bad) + rendered, bad
 
 
 def _summary(values: list[int]) -> dict[str, float]:
@@ -766,14 +586,14 @@ def dataset_report(samples: Sequence[Sample], vocab_min_count: int | None = None
     missing = [(p, r) for p, r in bad if r == "file not found"]
     unreadable = [(p, r) for p, r in bad if r != "file not found"]
     captions = [c for s in samples for c in s.captions]
-    lengths = [len(tokenize(c)) for c in captions]
+    lengths = [token_count(c) for c in captions]
     train_captions = [c for s in samples if s.split == "train" for c in s.captions]
     synthetic = getattr(samples, "format", "") == "synthetic"
     options = TrainConfig(data=None if synthetic else getattr(samples, "source", "") or "dataset",
                           min_count=vocab_min_count)
     min_count = options.resolved_min_count(len(train_captions or captions))
     vocab = Vocabulary.build(train_captions or captions, min_count=min_count, max_size=options.max_vocab)
-    words = Counter(t for c in (train_captions or captions) for t in tokenize(c))
+    words = Counter(t for c in (train_captions or captions) for t in tokens_of(c))
     splits = {split: sum(1 for s in samples if s.split == split) for split in SPLITS}
     warnings = []
     if missing:

@@ -12,9 +12,9 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from itertools import chain, repeat
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -26,25 +26,8 @@ _APOSTROPHES = re.compile(r"['\u2019\u2018`]")
 _TOKEN = re.compile(r"[^\W_]+|[,:]")  # runs of letters/digits (any script), or a kept separator
 
 
-def _ascii_table() -> bytes:
-    """Byte map for ASCII text: upper to lower case, "," and ":" kept, every other non-alphanumeric a space."""
-    table = bytearray(range(256))
-    for i in range(128):
-        c = chr(i)
-        table[i] = ord(c.lower()) if c.isalnum() or c in ",:" else ord(" ")
-    return bytes(table)
-
-
-_ASCII = _ascii_table()
-
-
 def tokenize(text: str) -> list[str]:
     """Lower-cased words (letters and digits) plus "," and ":" as tokens; all other punctuation dropped."""
-    if text.isascii():
-        # The same tokens as the regex below from byte-level passes, which cost a fraction of it, and nearly
-        # every caption of an English data set is ASCII (benchmarks/NOTES.md, "Warm start at COCO scale").
-        data = text.encode("ascii").translate(_ASCII, b"'`")
-        return data.replace(b",", b" , ").replace(b":", b" : ").decode("ascii").split()
     text = unicodedata.normalize("NFKC", text).lower()
     return _TOKEN.findall(_APOSTROPHES.sub("", text))
 
@@ -65,13 +48,6 @@ class Caption(str):
         caption = cls(text)
         caption.normal = " ".join(tokenize(text)) if normal is None else normal
         return caption
-
-    @classmethod
-    def many(cls, texts: Sequence[str], normals: Sequence[str]) -> list[Caption]:
-        """[Caption.of(t, n) for t, n in zip(texts, normals)], in C-level loops: a data set has ~600k of them."""
-        captions = list(map(cls, texts))
-        deque(map(setattr, captions, repeat("normal"), normals), maxlen=0)
-        return captions
 
     @property
     def words(self) -> list[str]:
