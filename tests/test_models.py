@@ -14,6 +14,7 @@ import torchvision
 
 from captioner.config import PRESETS, ModelConfig, preset
 from captioner.errors import ConfigError
+from captioner.models import encoders
 from captioner.models.attention import MultiHeadAttention
 from captioner.models.captioner import CaptionModel
 from captioner.models.encoders import CNNEncoder, TorchvisionViTEncoder, ViTEncoder
@@ -422,10 +423,10 @@ def test_pretrained_reads_torchvision_cache_before_fetching(resnet18_file: tuple
     path, state = resnet18_file
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
-    def offline(url: str, **kwargs: object) -> None:  # a test never touches the network (tests/test_pretrained.py)
+    def offline(request: object, **kwargs: object) -> None:  # a test never touches the network (test_pretrained.py)
         raise URLError("offline")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(encoders, "urlopen", offline)
     with pytest.raises(ConfigError, match=r"resnet18-f37072fd\.pth.*checkpoints.*--backbone-weights"):
         CaptionModel(tiny_model_config("cnn", pretrained=True))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

@@ -1,11 +1,12 @@
 """--pretrained from the defaults: the switch to an encoder with ImageNet weights, and where the weights come from.
 
-No test touches the network: the fetch (torch.hub.load_state_dict_from_url) is replaced, and TORCH_HOME
+No test touches the network: the fetch (`encoders.urlopen`, or `_download`) is replaced, and TORCH_HOME
 points at a temporary folder so the real cache is never read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -22,6 +23,7 @@ from captioner.config import PRETRAINED_IMAGE_SIZE, ModelConfig, TrainConfig, re
 from captioner.data.images import Preprocess
 from captioner.data.synthetic import write_synthetic
 from captioner.errors import ConfigError
+from captioner.models import encoders
 from captioner.models.encoders import CNNEncoder
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
@@ -49,14 +51,15 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _fetch_fails(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list[float | None]:
-    """Make every fetch raise `error`; the list gets the socket timeout each fetch ran under."""
+    """Make every request raise `error`; the list gets the timeout each request was given."""
     timeouts: list[float | None] = []
 
-    def fetch(url: str, **kwargs: object) -> dict:
-        timeouts.append(socket.getdefaulttimeout())
+    def fetch(request: object, *, timeout: float | None = None) -> object:
+        assert socket.getdefaulttimeout() is None  # the process's default is never touched
+        timeouts.append(timeout)
         raise error
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetch)
+    monkeypatch.setattr(encoders, "urlopen", fetch)
     return timeouts
 
 
@@ -160,17 +163,29 @@ def test_missing_weights_are_fetched_into_the_cache(resnet18_state: dict[str, to
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fetch(url: str, **kwargs: object) -> dict[str, torch.Tensor]:
-        calls.append((url, kwargs))
-        return resnet18_state
+    def download(url: str, path: Path) -> None:
+        calls.append((url, path))
+        path.parent.mkdir(parents=True)
+        torch.save(resnet18_state, path)
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetch)
+    monkeypatch.setattr(encoders, "_download", download)
     encoder = _resnet18(pretrained=True)
     assert torch.equal(encoder.backbone.conv1.weight, resnet18_state["conv1.weight"])
-    [(url, kwargs)] = calls
-    assert url == RESNET18_URL
-    assert Path(kwargs["model_dir"]) == cache and kwargs["file_name"] == RESNET18_FILE  # torchvision's own cache
-    assert kwargs["weights_only"] is True and kwargs["check_hash"] is True and kwargs["progress"] is True
+    assert calls == [(RESNET18_URL, cache / RESNET18_FILE)]  # into torchvision's own cache
+
+
+def test_a_download_is_checked_against_the_digits_in_its_name(tmp_path: Path) -> None:
+    """A file:// URL stands in for the server: the request itself, with its timeout, but no network."""
+    payload = b"weights" * 1000
+    digits = hashlib.sha256(payload).hexdigest()[:8]
+    for name in (f"net-{digits}.pth", "net-00000000.pth"):
+        (tmp_path / name).write_bytes(payload)
+    out = tmp_path / "cache"
+    encoders._download((tmp_path / f"net-{digits}.pth").as_uri(), out / f"net-{digits}.pth")
+    assert (out / f"net-{digits}.pth").read_bytes() == payload
+    with pytest.raises(ValueError, match="SHA-256"):
+        encoders._download((tmp_path / "net-00000000.pth").as_uri(), out / "net-00000000.pth")
+    assert sorted(p.name for p in out.iterdir()) == [f"net-{digits}.pth"]  # no partial file left
 
 
 @pytest.mark.parametrize("error", [URLError(OSError(-3, "Temporary failure in name resolution")),
@@ -184,12 +199,16 @@ def test_no_network_is_one_line_naming_the_url_and_the_cache(error: BaseExceptio
     message = str(err.value)
     assert "\n" not in message and RESNET18_URL in message and f"{cache}/" in message
     assert "--backbone-weights" in message
-    assert timeouts and timeouts[0] is not None and timeouts[0] <= 30  # a short wait while fetching ...
-    assert socket.getdefaulttimeout() == before  # ... restored afterwards
+    assert timeouts and timeouts[0] is not None and timeouts[0] <= 30  # a short wait, given to the request
+    assert socket.getdefaulttimeout() == before
 
 
 def test_a_fetch_that_gives_no_state_dict_is_one_line(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: ["not", "weights"])
+    def download(url: str, path: Path) -> None:
+        path.parent.mkdir(parents=True)
+        torch.save(["not", "weights"], path)
+
+    monkeypatch.setattr(encoders, "_download", download)
     with pytest.raises(ConfigError, match="is not a state dict") as err:
         _resnet18(pretrained=True)
     assert "\n" not in str(err.value)

@@ -11,11 +11,14 @@ torchvision fetches them when it lacks the file. Offline, that is one error nami
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import Request, urlopen
 
 import torch
 import torch.nn.functional as F
@@ -76,24 +79,39 @@ def cached_weights_file(arch: str) -> Path | None:
 FETCH_TIMEOUT_S = 15.0  # seconds a silent connection may stall before the fetch counts as offline
 
 
+def _download(url: str, path: Path) -> None:
+    """Fetch `url` into `path` as torch.hub does (a temporary name, renamed once complete; the SHA-256 digits in
+    the name checked), but with a timeout on each request: torch.hub's fetch has none, so offline it could hang."""
+    digits = torch.hub.HASH_REGEX.search(path.name)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    sha256 = hashlib.sha256()
+    try:
+        with urlopen(Request(url, headers={"User-Agent": "torch.hub"}), timeout=FETCH_TIMEOUT_S) as response:
+            path.parent.mkdir(parents=True, exist_ok=True)  # once the server answers: no empty folder offline
+            with open(partial, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    sha256.update(chunk)
+        if digits is not None and not sha256.hexdigest().startswith(digits.group(1)):
+            raise ValueError(f"its SHA-256 {sha256.hexdigest()[:16]}... does not start with {digits.group(1)}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def fetch_weights(arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """Download `arch`'s default ImageNet weights into torchvision's cache, as torchvision does; the state and file.
 
     Offline (or the server unreachable) this is one ConfigError naming the URL and the folder to put the
     file in by hand, never a traceback.
     """
-    import socket
-
     import torchvision  # lazy: see cached_weights_file
 
     url = torchvision.models.get_model_weights(arch).DEFAULT.url
     folder, name = _weights_cache(), _file_name(url)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(FETCH_TIMEOUT_S)  # urllib has no timeout of its own: offline, it could hang
     try:
-        # check_hash: torchvision's file names carry the first digits of the file's SHA-256.
-        state = torch.hub.load_state_dict_from_url(url, model_dir=str(folder), map_location="cpu", progress=True,
-                                                   check_hash=True, file_name=name, weights_only=True)
+        _download(url, folder / name)
+        state = torch.load(folder / name, map_location="cpu", weights_only=True)  # never runs code from the file
     except OSError as e:  # URLError, a timeout, a refused connection: no usable network
         reason = " ".join(str(getattr(e, "reason", None) or e).split())
         raise ConfigError(f"pretrained {arch} weights are not in torchvision's cache and could not be downloaded "
@@ -101,8 +119,6 @@ def fetch_weights(arch: str) -> tuple[dict[str, torch.Tensor], str]:
     except Exception as e:  # noqa: BLE001 - a corrupt download (hash mismatch, unreadable) is one user error
         raise ConfigError(f"the {arch} weights downloaded from {url} are unusable ({type(e).__name__}: {e}): retry, "
                           f"or put {name} in {folder}/ by hand".splitlines()[0]) from e
-    finally:
-        socket.setdefaulttimeout(previous)
     return _checked_state(state, folder / name, arch), str(folder / name)
 
 
