@@ -42,7 +42,7 @@ from captioner.data.images import load_image
 from captioner.data.samples import Sample, SampleList
 from captioner.data.scan import Progress, gc_paused, scan_images
 from captioner.data.synthetic import Scene, SyntheticWorld, scene_from_record
-from captioner.data.vocab import Caption, Vocabulary, token_count, tokens_of
+from captioner.data.vocab import CaptionText, Vocabulary, token_count, tokens_of
 from captioner.errors import DataError
 
 MAX_CAPTION_TOKENS = 100  # longer "captions" are paragraphs or broken rows, not captions: dropped and counted
@@ -84,8 +84,9 @@ def hash_split(image_id: str) -> str:
 
 
 def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None, format: str = "auto",
-                 synth_train: int = 6000, synth_val: int = 200, synth_test: int = 500, seed: int = 0,
-                 synth_image_size: int = 96, synth_max_objects: int = 3, cache: bool | Path = True) -> SampleList:
+                 synth_train: int = TrainConfig.synth_train, synth_val: int = TrainConfig.synth_val,
+                 synth_test: int = TrainConfig.synth_test, seed: int = 0, synth_image_size: int = 96,
+                 synth_max_objects: int = TrainConfig.synth_max_objects, cache: bool | Path = True) -> SampleList:
     """Read a dataset (or build the synthetic world when `data` is None) into samples with splits.
 
     A large annotations file's samples are remembered between starts (`cache`: True for the user's cache
@@ -97,7 +98,7 @@ def load_samples(data: str | Path | None, *, image_dir: str | Path | None = None
         world = SyntheticWorld(image_size=synth_image_size, seed=seed, max_objects=synth_max_objects)
         out = SampleList(source="synthetic", format="synthetic")
         for split, n in (("train", synth_train), ("val", synth_val), ("test", synth_test)):
-            out.extend(Sample(s.image_id, [Caption.of(c) for c in s.captions], split, scene=s)
+            out.extend(Sample(s.image_id, [CaptionText.of(c) for c in s.captions], split, scene=s)
                        for s in world.scenes(split, n))
         return out
     path = Path(data)
@@ -249,7 +250,7 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
         kept: list[str] = []
         for text in r.captions:
             c = " ".join(str(text).split())
-            words = fast_tokenize(c)  # once: the Caption carries them to the vocabulary and the dataset
+            words = fast_tokenize(c)  # once: the CaptionText carries them to the vocabulary and the dataset
             if not words:
                 empty += 1
             elif len(words) > MAX_CAPTION_TOKENS:
@@ -257,7 +258,7 @@ def _clean(raw: list[_Raw], notes: list[str]) -> list[Sample]:
             elif c in kept:
                 duplicate_captions += 1
             else:
-                kept.append(Caption.of(c, " ".join(words)))
+                kept.append(CaptionText.of(c, " ".join(words)))
         if not kept:
             no_captions += 1
             continue
