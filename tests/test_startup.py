@@ -21,7 +21,7 @@ from captioner.data import vocab as vocab_module
 from captioner.data.dataset import CaptionDataset
 from captioner.data.images import IMAGENET_MEAN, IMAGENET_STD, Augmentation, Preprocess, TrainTransform
 from captioner.data.sources import Sample, check_images, load_samples
-from captioner.data.vocab import Caption, Vocabulary, tokenize, tokens_of
+from captioner.data.vocab import CaptionText, Vocabulary, tokenize, tokens_of
 
 PRE = Preprocess(image_size=32)
 
@@ -150,14 +150,14 @@ def test_a_caption_is_its_text_with_its_tokens() -> None:
     texts = ["A man's dog, running: FAST!", "Caf\u00e9 au lait", "?!.", ""]
     vocab = Vocabulary.build(texts)
     for text in texts:
-        c = Caption.of(text)
+        c = CaptionText.of(text)
         assert c == text and hash(c) == hash(text) and json.dumps([c]) == json.dumps([text])
         assert list(c.words) == tokenize(text) == list(tokens_of(c)) == list(tokens_of(text))
         assert vocab.encode(c) == vocab.encode(text)
         again = pickle.loads(pickle.dumps(c))  # spawned DataLoader workers receive samples pickled
         assert again == text and again.words == c.words
-    assert type(Caption.of("a b")[:1]) is str  # a derived string is tokenised afresh
-    assert Vocabulary.build([Caption.of(t) for t in texts]).itos == vocab.itos
+    assert type(CaptionText.of("a b")[:1]) is str  # a derived string is tokenised afresh
+    assert Vocabulary.build([CaptionText.of(t) for t in texts]).itos == vocab.itos
 
 
 def test_the_fast_tokenizer_gives_the_tokenizer_s_tokens() -> None:
@@ -211,7 +211,7 @@ def test_the_samples_cache_is_used_on_the_second_load(cached_coco: tuple[Path, P
     calls = _readers_counted(monkeypatch)
     again = load_samples(annotations, cache=cache)
     assert calls == [] and _summary(again) == _summary(first)
-    assert all(type(c) is Caption for s in again for c in s.captions)
+    assert all(type(c) is CaptionText for s in again for c in s.captions)
     assert _summary(load_samples(annotations, cache=False)) == _summary(first) and calls == [annotations]
 
 
@@ -322,10 +322,10 @@ def counts_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "counts"
 
 
-def _many_captions(n: int = 60, seed: int = 0) -> list[Caption]:
+def _many_captions(n: int = 60, seed: int = 0) -> list[CaptionText]:
     rng = random.Random(seed)
     words = ["A", "red", "bus,", "dog's", "Caf\u00e9", "two:", "x1", "the", "the", "the", "a"]
-    return [Caption.of(" ".join(rng.choice(words) for _ in range(rng.randint(0, 9)))) for _ in range(n)]
+    return [CaptionText.of(" ".join(rng.choice(words) for _ in range(rng.randint(0, 9)))) for _ in range(n)]
 
 
 def _counted_build(captions: list, cache: Path, **kwargs: object) -> Vocabulary:
@@ -352,10 +352,10 @@ def test_other_captions_are_counted_again(counts_cache: Path) -> None:
     captions = _many_captions()
     _counted_build(captions, counts_cache)
     changed = list(captions)
-    changed[5] = Caption.of("a zebra")  # another caption
+    changed[5] = CaptionText.of("a zebra")  # another caption
     fewer = captions[:-1]  # one image skipped
     retokenised = list(captions)
-    retokenised[7] = Caption.of(str(captions[7]), "other tokens")  # the same text, other tokens
+    retokenised[7] = CaptionText.of(str(captions[7]), "other tokens")  # the same text, other tokens
     for other in (changed, fewer, retokenised, list(reversed(captions))):
         _counted_build(other, counts_cache)
     assert "zebra" in Vocabulary.build(changed, cache=counts_cache) and "other" in Vocabulary.build(

@@ -29,7 +29,7 @@ from typing import Any
 from captioner.config import SPLITS
 from captioner.data.samples import Sample, SampleList
 from captioner.data.scan import default_cache_dir, replace_json
-from captioner.data.vocab import Caption, tokenize
+from captioner.data.vocab import CaptionText, tokenize
 
 # Bump SAMPLES_VERSION when a reader, `sources._clean` or the tokenizer changes what the same file gives;
 # NFKC's tables come with Python, so captions tokenised under another Unicode version are redone.
@@ -150,7 +150,7 @@ def _unpack(data: dict[str, Any]) -> SampleList:
             or not len(ids) == len(paths) == len(splits) == len(counts) \
             or not len(texts) == len(normals) == sum(counts):
         raise ValueError("inconsistent samples cache")
-    captions = [Caption.of(text, normal) for text, normal in zip(texts, normals, strict=True)]
+    captions = [CaptionText.of(text, normal) for text, normal in zip(texts, normals, strict=True)]
     samples = SampleList(source=data["source"], format=data["format"], notes=data["notes"],
                          has_splits=data["has_splits"])
     start = 0

@@ -32,18 +32,18 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(_APOSTROPHES.sub("", text))
 
 
-class Caption(str):
-    """Caption text that carries its tokens, so building the vocabulary and encoding do not tokenise it again.
+class CaptionText(str):
+    """A caption's text that carries its tokens, so building the vocabulary and encoding do not tokenise it again.
 
     It is the text itself wherever a string is expected (references, reports, JSON); make one with
-    `Caption.of`. A string derived from it (sliced, joined) is a plain str again, tokenised when used.
+    `CaptionText.of`. A string derived from it (sliced, joined) is a plain str again, tokenised when used.
     """
 
     __slots__ = ("normal",)
     normal: str  # its tokens joined by single spaces: one string, not a list of them, to keep a data set small
 
     @classmethod
-    def of(cls, text: str, normal: str | None = None) -> Caption:
+    def of(cls, text: str, normal: str | None = None) -> CaptionText:
         """The text with its tokens: `normal` when the caller knows them already (" ".join(tokenize(text)))."""
         caption = cls(text)
         caption.normal = " ".join(tokenize(text)) if normal is None else normal
@@ -56,13 +56,13 @@ class Caption(str):
 
 
 def tokens_of(text: str) -> list[str]:
-    """tokenize(text), read from a Caption instead of computed again."""
-    return text.normal.split() if type(text) is Caption else tokenize(text)
+    """tokenize(text), read from a CaptionText instead of computed again."""
+    return text.normal.split() if type(text) is CaptionText else tokenize(text)
 
 
 def token_count(text: str) -> int:
-    """len(tokenize(text)), counted without splitting a Caption's tokens apart."""
-    if type(text) is Caption:
+    """len(tokenize(text)), counted without splitting a CaptionText's tokens apart."""
+    if type(text) is CaptionText:
         return text.normal.count(" ") + 1 if text.normal else 0
     return len(tokenize(text))
 
@@ -83,10 +83,10 @@ def count_tokens(captions: Iterable[str], *, cache: bool | Path = True) -> Count
     again and replaced.
     """
     captions = captions if isinstance(captions, (list, tuple)) else list(captions)
-    if cache is False or len(captions) < COUNTS_MIN_CAPTIONS or set(map(type, captions)) != {Caption}:
+    if cache is False or len(captions) < COUNTS_MIN_CAPTIONS or set(map(type, captions)) != {CaptionText}:
         return Counter(chain.from_iterable(map(tokens_of, captions)))
     # Every caption's tokens, one caption a line: its hash names the counts. Splitting it on whitespace gives
-    # the tokens of every caption in turn (a Caption's tokens are its `normal` split on whitespace).
+    # the tokens of every caption in turn (a CaptionText's tokens are its `normal` split on whitespace).
     text = "\n".join(map(attrgetter("normal"), captions))
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     # Here, not at the top: the scan module brings Pillow and torch (through images), which tokenising needs not.
