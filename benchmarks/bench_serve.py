@@ -330,6 +330,10 @@ def main() -> None:
                        "library_one_ms": round(latency * 1000, 1),
                        "threads": args.threads, "photos": args.photos, "size": args.size,
                        "levels": load_levels(port, server.pid, paths, expected, args)}
+            # the same in-process figures again: on a shared machine the load drifts, and this brackets it
+            after = library_rates(args.model, paths, 32)
+            results.update(batch_images_per_s_after=round(after[0], 1), library_one_ms_after=round(after[1] * 1000, 1))
+            print(f"after the levels: {after[0]:.1f} images/s in batches, {after[1] * 1000:.1f} ms for one", flush=True)
             if args.soak:
                 results["soak"] = soak(port, server.pid, paths, expected, folder, args.soak, max(args.seconds, 600))
                 print(f"soak: {results['soak']}", flush=True)
