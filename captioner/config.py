@@ -553,9 +553,10 @@ TRAIN_CHOICES = {name: _values(o.choices) for name, o in TRAIN_OPTIONS.items() i
 # On a slower or busier machine the time limit above fits the schedule to the minutes there are
 # (training.TimeBudget), so the run still ends annealed rather than cut off mid-schedule.
 DEFAULT_STEPS = {"vit": 4600, "cnn": 5500}
-# A dataset's default run: at most this many epochs, ended earlier by DATASET_PATIENCE validations (one
-# per epoch) without improvement, or fitted to --time-limit. benchmarks/NOTES.md has the runs behind them.
-DATASET_MAX_EPOCHS = 30
+# A dataset's default run: at most this many epochs (Flickr8k's 6,000 photos: well under an hour on a 2-core
+# CPU), ended earlier by DATASET_PATIENCE validations (one per epoch) without improvement in its second half,
+# or fitted to --time-limit. benchmarks/NOTES.md has the runs behind them.
+DATASET_MAX_EPOCHS = 20
 DATASET_PATIENCE = 3
 LARGE_DATASET = 40_000  # training captions from which rare words are cut at 5 (Flickr8k has 30k, COCO 590k)
 BACKBONE_LR_SHARE = 0.1

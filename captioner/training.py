@@ -736,7 +736,9 @@ def validate(run: Run) -> dict[str, Any]:
         if selection_score(record, run.data.knows_truth) > run.best_score:
             run.best, run.stale = record, 0
             checkpoint.save_weights(run.run_dir / checkpoint.BEST, run.model, meta=record)
-        elif run.step > run.cfg.warmup_steps:  # during the warm-up the model is still finding its feet
+        elif run.step > run.cfg.warmup_steps and not record.get("collapsed"):
+            # In the warm-up the model is finding its feet, and collapsed captions say it has not yet learned
+            # to use the image: neither is a model that has stopped improving.
             run.stale += 1
         checkpoint.append_jsonl(run.run_dir / checkpoint.METRICS, record)
         draw_curves(run.run_dir, best_step=run.best.get("step"))  # curves.png: a collapse or plateau at a glance

@@ -97,7 +97,27 @@ def test_a_collapsed_checkpoint_is_best_only_when_it_scores_over_5_percent_more(
     assert selection_score({"CIDEr-D": 0.43, "collapsed": True}, False) > selection_score(varied, False)
 
 
-def test_default_early_stop_waits_for_half_the_schedule_and_ignores_the_warm_up(tmp_path: Path) -> None:
+@pytest.fixture
+def varied_captions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validations never marked collapsed: a model whose learning rate is too small to learn writes one caption
+    for every image, and early stop (rightly) does not count that as a model that stopped improving."""
+    real = evaluation.score_samples
+
+    def scored(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report.diversity["collapsed"] = False
+        return report
+
+    monkeypatch.setattr(evaluation, "score_samples", scored)
+
+
+def test_collapsed_validations_never_count_towards_early_stop(tmp_path: Path) -> None:
+    result = train(tiny_train_config(max_steps=12, val_every=2, early_stop=2, lr=1e-12), tmp_path / "run")
+    assert result.last["collapsed"] and result.steps == 12  # one caption for every image: not finished
+
+
+def test_default_early_stop_waits_for_half_the_schedule_and_ignores_the_warm_up(tmp_path: Path,
+                                                                                 varied_captions: None) -> None:
     # A learning rate too small to change any caption: no validation after the first can improve on it.
     cfg = tiny_train_config(data=None, max_steps=None, epochs=None, val_every=2, lr=1e-12, warmup_steps=6)
     run = prepare(cfg, tmp_path / "run")
@@ -118,7 +138,7 @@ def test_default_early_stop_waits_for_half_the_schedule_and_ignores_the_warm_up(
     assert result.steps == 10  # validations at 2, 4, 6 in the warm-up do not count; 8 and 10 do
 
 
-def test_early_stop_after_validations_without_improvement(tmp_path: Path) -> None:
+def test_early_stop_after_validations_without_improvement(tmp_path: Path, varied_captions: None) -> None:
     # A learning rate too small to change any caption: CIDEr-D cannot improve after the first validation.
     events: list[tuple[str, dict]] = []
     cfg = tiny_train_config(max_steps=20, val_every=2, early_stop=2, lr=1e-12)
