@@ -97,6 +97,14 @@ def test_a_collapsed_checkpoint_is_best_only_when_it_scores_over_5_percent_more(
     assert selection_score({"CIDEr-D": 0.43, "collapsed": True}, False) > selection_score(varied, False)
 
 
+def test_the_warm_up_takes_at_most_a_fifth_of_a_short_run(tmp_path: Path) -> None:
+    run = prepare(tiny_train_config(max_steps=100, warmup_steps=500), tmp_path / "run")
+    run.lock.close()
+    factor = run.scheduler.lr_lambdas[0]  # of the 0-based step index
+    assert factor(9) == pytest.approx(0.5) and factor(19) == pytest.approx(1.0)  # peak at step 20, not 500
+    assert factor(99) == pytest.approx(0.0)  # and still annealed at the end
+
+
 @pytest.fixture
 def varied_captions(monkeypatch: pytest.MonkeyPatch) -> None:
     """Validations never marked collapsed: a model whose learning rate is too small to learn writes one caption
