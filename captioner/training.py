@@ -87,7 +87,7 @@ def lr_factor(step: int, *, warmup: int, schedule: str, total: int) -> float:
     raise ConfigError(f"schedule must be inverse_sqrt or cosine, got {schedule!r}")  # TrainConfig checks it first
 
 
-MAX_WARMUP_SHARE = 0.2  # of the run's steps, whatever --warmup-steps says (see warmup_schedule)
+MAX_WARMUP_SHARE = 0.2  # of a default-length run's steps, whatever --warmup-steps says (see warmup_schedule)
 TRAIN_LOG_EVERY = 50  # steps between the training-loss records in metrics.jsonl (validations have no phase key)
 
 
@@ -529,8 +529,11 @@ def warmup_schedule(run: Run) -> torch.optim.lr_scheduler.LambdaLR:
 
     def factor(i: int) -> float:
         # A schedule fitted to a short time limit on a slow machine can be shorter than the warm-up, and would
-        # never reach its peak: the warm-up takes at most MAX_WARMUP_SHARE of the run.
-        warmup = min(cfg.warmup_steps, int(run.total_steps * MAX_WARMUP_SHARE))
+        # never reach its peak: a run of the default length warms up over at most MAX_WARMUP_SHARE of it (an
+        # explicit --max-steps or --epochs keeps the warm-up it is given).
+        warmup = cfg.warmup_steps
+        if cfg.default_length():
+            warmup = min(warmup, int(run.total_steps * MAX_WARMUP_SHARE))
         return lr_factor(i + 1, warmup=warmup, schedule=cfg.schedule, total=run.total_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(run.optimizer, factor)

@@ -97,12 +97,16 @@ def test_a_collapsed_checkpoint_is_best_only_when_it_scores_over_5_percent_more(
     assert selection_score({"CIDEr-D": 0.43, "collapsed": True}, False) > selection_score(varied, False)
 
 
-def test_the_warm_up_takes_at_most_a_fifth_of_a_short_run(tmp_path: Path) -> None:
-    run = prepare(tiny_train_config(max_steps=100, warmup_steps=500), tmp_path / "run")
+def test_the_warm_up_takes_at_most_a_fifth_of_a_short_fitted_run(tmp_path: Path) -> None:
+    run = prepare(tiny_train_config(epochs=None, time_limit=1.0, warmup_steps=500), tmp_path / "run")
     run.lock.close()
+    run.total_steps = 100  # what a time limit on a slow machine fits
     factor = run.scheduler.lr_lambdas[0]  # of the 0-based step index
     assert factor(9) == pytest.approx(0.5) and factor(19) == pytest.approx(1.0)  # peak at step 20, not 500
     assert factor(99) == pytest.approx(0.0)  # and still annealed at the end
+    explicit = prepare(tiny_train_config(max_steps=100, warmup_steps=500), tmp_path / "explicit")
+    explicit.lock.close()
+    assert explicit.scheduler.lr_lambdas[0](19) == pytest.approx(20 / 500)  # --max-steps keeps its warm-up
 
 
 @pytest.fixture
