@@ -786,6 +786,8 @@ def _warn_if_collapsed(run: Run, diversity: dict[str, Any]) -> None:
 
 def _collapse_advice(run: Run) -> str:
     """What to do about collapsed captions, in one clause: the remedy that applies to this run."""
+    if run.record_tags.get("phase") == "scst":  # its step count is a cap for the clock, not a schedule
+        return "SCST is trading variety for CIDEr-D: the cross-entropy run it started from is kept as it was"
     if run.step <= run.cfg.warmup_steps or run.step < run.total_steps // 4:
         return "usual early in training: let it run (best skips collapsed checkpoints)"
     if run.data.concepts is None and not run.data.knows_truth:

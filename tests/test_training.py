@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import checkpoint, evaluation
+from captioner import checkpoint, evaluation, training
 from captioner.config import DEFAULT_STEPS
 from captioner.errors import CheckpointError
 from captioner.training import (
@@ -107,6 +107,17 @@ def test_the_warm_up_takes_at_most_a_fifth_of_a_short_fitted_run(tmp_path: Path)
     explicit = prepare(tiny_train_config(max_steps=100, warmup_steps=500), tmp_path / "explicit")
     explicit.lock.close()
     assert explicit.scheduler.lr_lambdas[0](19) == pytest.approx(20 / 500)  # --max-steps keeps its warm-up
+
+
+def test_the_collapse_advice_fits_the_run(tmp_path: Path) -> None:
+    run = prepare(tiny_train_config(max_steps=100, warmup_steps=10), tmp_path / "run")
+    run.lock.close()
+    run.step = 5
+    assert "let it run" in training._collapse_advice(run)
+    run.step = 80
+    assert "not using the image" in training._collapse_advice(run)
+    run.record_tags = {"phase": "scst"}
+    assert "SCST is trading variety" in training._collapse_advice(run)
 
 
 @pytest.fixture
