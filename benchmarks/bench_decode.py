@@ -31,7 +31,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reference.py: the naive decoding loop
 from common import MATCHED, TOKENS, setup_threads, time_in_turns  # noqa: E402
+
+from tests.reference import naive_greedy  # noqa: E402  (model-level only: the same loop for every tree)
 
 NEVER = MATCHED["vocab_size"] + 7  # an <eos> id outside the vocabulary: every caption runs its full length
 RUNS = {"b1_30tok_cached_fp32_ms": 15, "b1_30tok_naive_fp32_ms": 6, "b1_greedy_ms": 15, "b32_greedy_ms": 5,
@@ -54,7 +57,7 @@ def load_captioner(root: Path | None) -> SimpleNamespace:
         return SimpleNamespace(
             ModelConfig=importlib.import_module("captioner.config").ModelConfig,
             CaptionModel=importlib.import_module("captioner.models.captioner").CaptionModel,
-            SearchOptions=decoding.SearchOptions, greedy=decoding.greedy, naive_greedy=decoding.naive_greedy,
+            SearchOptions=decoding.SearchOptions, greedy=decoding.greedy, naive_greedy=naive_greedy,
             beam_search=decoding.beam_search, caption_loss=training.caption_loss,
             cpu_has_native_bf16=runtime.cpu_has_native_bf16)
     finally:

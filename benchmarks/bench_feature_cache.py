@@ -108,11 +108,8 @@ class FromFeatures:
     def encode(self, features: torch.Tensor, **kw):
         return self.model.encode(features, from_features=True, **kw)
 
-    def start(self, memory: torch.Tensor):
-        return self.model.start(memory)
-
-    def step(self, *args, **kw):
-        return self.model.step(*args, **kw)
+    def begin(self, memory: torch.Tensor, **kw):
+        return self.model.begin(memory, **kw)
 
 
 def parity(model: CaptionModel, images_set: CaptionDataset, cached: feature_cache.FeatureDataset,

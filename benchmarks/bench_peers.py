@@ -57,13 +57,15 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/reference.py: the naive decoding loop
 from common import MATCHED, REALISTIC, TOKENS, machine, setup_threads, time_in_turns  # noqa: E402
 
 from captioner.config import ModelConfig  # noqa: E402
-from captioner.decoding import SearchOptions, beam_search, greedy, naive_greedy  # noqa: E402
+from captioner.decoding import SearchOptions, beam_search, greedy  # noqa: E402
 from captioner.models.captioner import CaptionModel  # noqa: E402
 from captioner.runtime import precision_plan  # noqa: E402
 from captioner.training import caption_loss  # noqa: E402
+from tests.reference import naive_greedy  # noqa: E402
 
 UNAVAILABLE = "unavailable"
 
@@ -465,35 +467,35 @@ def by_category(seconds: dict[str, float]) -> dict[str, float]:
 def step_b1(size: Size, ours: CaptionModel, bench: Bench) -> dict[str, Any]:
     """Where our batch-1 greedy decoding step goes (float32 decoder, as shipped; the growing cache).
 
-    step_ms: model.step's wall time, the mean over a 20-token caption (fastest of detail_runs captions);
+    step_ms: a Stepper.step's wall time, the mean over a 20-token caption (fastest of detail_runs captions);
     products_only_ms: its matrix products alone (decoder_products). Then a few captions under the
     profiler: profiled_step_ms, their wall time a step; ops_ms, the self time of the step's operators by
     category; python_dispatch_overhead_ms = profiled_step_ms - all of ops_ms, the time no operator
     accounts for (Python, module glue, the dispatcher, launches). The profiler's own cost lands there
     too, so that is an upper bound; step_ms - all of ops_ms (..._unprofiled_ms) is a lower one, since
     the profiler also slows the operators a little. Greedy's token choice (log-softmax, argmax) is
-    outside model.step.
+    outside the step.
     """
     one = bench.images(size, 1)
     token = torch.ones(1, dtype=torch.long, device=bench.device)
     with torch.inference_mode():
         memory = ours.encode(one).memory
 
-        def caption(state) -> None:
+        def caption(steps) -> None:
             for _ in range(TOKENS):
-                ours.step(token, state)
+                steps.step(token)
 
         times = []
         for _ in range(bench.warmup + bench.detail_runs):
-            state = ours.start(memory)  # a fresh cache, not timed
+            steps = ours.begin(memory)  # a fresh cache, not timed
             bench.sync()
             start = time.perf_counter()
-            caption(state)
+            caption(steps)
             bench.sync()
             times.append(time.perf_counter() - start)
         step = min(times[bench.warmup:]) / TOKENS
-        states = [ours.start(memory) for _ in range(PROFILED_CAPTIONS)]
-        seconds, wall = op_seconds(lambda: [caption(state) for state in states], bench)
+        steppers = [ours.begin(memory) for _ in range(PROFILED_CAPTIONS)]
+        seconds, wall = op_seconds(lambda: [caption(steps) for steps in steppers], bench)
     steps = PROFILED_CAPTIONS * TOKENS
     ops = {name: s / steps for name, s in by_category(seconds).items()}
     products = bench.time(decoder_products(ours, 1), runs=bench.detail_runs)

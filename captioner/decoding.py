@@ -1,34 +1,66 @@
-"""Auto-regressive decoding over `CaptionModel.step`: greedy, beam search and sampling, and `decode_batch`,
-the one place that turns `DecodeSettings` into a search and token ids into `Caption`s.
+"""Auto-regressive decoding: greedy, beam search and sampling, and `decode_batch`, the one place that turns
+`DecodeSettings` into a search and token ids into words.
 
-Every search encodes the images once, precomputes each decoder layer's cross-attention keys/values once
-(`model.start`), then feeds one token per step while the self-attention KV caches grow. Beam search
-runs all beams of all images as one batch of (images x beams) rows and reorders the caches when beams
-are pruned. `naive_greedy` re-runs the whole prefix every step: it is the reference the tests and the
-benchmarks hold the cached path to.
+Every search encodes the images once and takes its steps from `CaptionModel.begin`, which computes each
+decoder layer's cross-attention keys/values once and then feeds one token per row per step while the
+self-attention KV caches fill. Beam search runs all beams of all images as one batch of (images x beams)
+rows and reorders the caches when beams are pruned. The tests hold every search to a reference that
+re-decodes the whole prefix at each step (tests/reference.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from captioner.data.vocab import Vocabulary
 from captioner.errors import ConfigError
-from captioner.models.captioner import CaptionModel
+from captioner.models.captioner import CaptionModel, Stepper
+
+# A search's choice at one step: logits (rows, V) -> (the token of each row (rows,), its log-probability (rows,)).
+Choose = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class Hypothesis:
-    """One decoded caption: token ids (without <bos>/<eos>), its log-probability, optional attention."""
+class Caption:
+    """A caption of one image: its token ids, its log-probability, and optionally where it looked.
 
-    tokens: list[int]
+    The searches return token ids; `decode_batch` reads them with the vocabulary into `text`.
+    """
+
+    tokens: list[int]  # without <bos>/<eos>
     logprob: float  # sum of the log-probabilities of the tokens and of the final <eos> (if reached)
     score: float  # the value the search ranked by (logprob, or length-normalised for beam search)
-    cross: torch.Tensor | None = None  # (T, L, H, N): cross-attention of each generated token, if asked
-    grid: tuple[int, int] | None = None  # (h, w) of the encoder grid, to fold N back into an image
-    runners_up: list[Hypothesis] = field(default_factory=list)  # beam search's next best, when n_best > 1
+    cross: torch.Tensor | None = None  # (T, L, H, N): cross-attention of each generated token (+ <eos> step)
+    grid: tuple[int, int] | None = None  # (h, w) of the encoder grid: N = h*w regions
+    runners_up: list[Caption] = field(default_factory=list)  # beam search's next best, when n_best > 1
+    text: str = ""  # the words, once decode_batch has read the tokens
+
+    @property
+    def words(self) -> list[str]:
+        """The caption's words; specials are never generated, so they align with `cross`."""
+        return self.text.split()
+
+
+def check_search(*, beam: int = 1, n_best: int = 1, max_len: int = 30, no_repeat_ngram: int = 0,
+                 sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """The rules a search's settings obey, in one place: ConfigError naming the option that breaks one."""
+    if not 1 <= beam <= 64:
+        raise ConfigError(f"--beam must be between 1 and 64, got {beam}")
+    if not 1 <= n_best <= beam or (n_best > 1 and sample):
+        raise ConfigError(f"--n-best must be between 1 and --beam ({beam}) and needs beam search, got {n_best}")
+    if not 1 <= max_len <= 500:
+        raise ConfigError(f"--max-len must be between 1 and 500, got {max_len}")
+    if no_repeat_ngram < 0:
+        raise ConfigError(f"--no-repeat-ngram must be >= 0, got {no_repeat_ngram}")
+    if temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 @dataclass
@@ -42,8 +74,7 @@ class SearchOptions:
     unk_id: int | None = None  # never generated when given ("<unk>" is not a caption word)
 
     def __post_init__(self) -> None:
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        check_search(max_len=self.max_len)
 
     def banned(self) -> list[int]:
         """Token ids that a search must never emit (<bos> and, when given, <pad> and <unk>)."""
@@ -57,73 +88,60 @@ def _log_probs(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def _static_len(static: bool | None, images: torch.Tensor, opts: SearchOptions, need_weights: bool) -> int | None:
-    """Positions of fixed-size caches for this search, or None for growing ones.
-
-    static None = on a GPU, where the fixed-size step is replayed from a CUDA graph; on the CPU the
-    growing caches are as fast. Attention weights are recorded only by the growing path.
-    """
-    use = images.device.type == "cuda" if static is None else static
-    return opts.max_len if use and not need_weights else None
+def fixed_caches_pay(device: torch.device) -> bool:
+    """Fixed-size caches pay on a GPU, where each step replays a CUDA graph; on the CPU growing ones are as fast."""
+    return device.type == "cuda"
 
 
-@torch.inference_mode()
-def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
-           need_weights: bool = False, static: bool | None = None) -> list[Hypothesis]:
-    """Pick the most likely token at every step; rows that reached <eos> stop growing.
+def _steps(model: CaptionModel, memory: torch.Tensor, opts: SearchOptions, *, per_image: int = 1,
+           static: bool = False, need_weights: bool = False) -> Stepper:
+    """A search's steps: fixed-size caches when `static` (attention weights are recorded only by growing ones)."""
+    static_len = opts.max_len if static and not need_weights else None
+    return model.begin(memory, per_image=per_image, static_len=static_len)
 
-    static: fixed-size caches (a CUDA graph's step on a GPU; see CaptionModel.begin); None = on a GPU.
-    """
-    B = images.shape[0]
-    encoded = model.encode(images)
-    steps = model.begin(encoded.memory, static_len=_static_len(static, images, opts, need_weights))
-    banned = opts.banned()
-    tokens = torch.full((B,), opts.bos_id, dtype=torch.long, device=images.device)
-    out = torch.full((B, opts.max_len), opts.eos_id, dtype=torch.long, device=images.device)
-    logprob = torch.zeros(B, device=images.device)
-    alive = torch.ones(B, dtype=torch.bool, device=images.device)
+
+def _extend(steps: Stepper, opts: SearchOptions, choose: Choose, *, rows: int, device: torch.device,
+            grid: tuple[int, int] | None = None, need_weights: bool = False) -> list[Caption]:
+    """Grow every row from <bos> by the token `choose` picks, until each row has said <eos> or max_len ends."""
+    tokens = torch.full((rows,), opts.bos_id, dtype=torch.long, device=device)
+    out = torch.full((rows, opts.max_len), opts.eos_id, dtype=torch.long, device=device)
+    logprob = torch.zeros(rows, device=device)
+    alive = torch.ones(rows, dtype=torch.bool, device=device)
     crosses = []
     for t in range(opts.max_len):
-        logits, cross = steps.step(tokens, need_weights=need_weights)  # (B, V), (L, B, H, N)
-        logp = _log_probs(logits, banned)
-        best_logp, tokens = logp.max(dim=-1)  # (B,)
-        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
-        logprob += torch.where(alive, best_logp, torch.zeros_like(best_logp))
+        logits, cross = steps.step(tokens, need_weights=need_weights)  # (rows, V), (L, rows, H, N)
+        tokens, token_logp = choose(logits)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))  # ended rows keep saying <eos>
+        logprob += torch.where(alive, token_logp, torch.zeros_like(token_logp))
         out[:, t] = tokens
         if need_weights:
             crosses.append(cross.float().cpu())
         alive &= tokens != opts.eos_id
         if not alive.any():
             break
-    return _hypotheses(out, logprob, opts.eos_id, crosses, encoded.grid)
+    return _cut_at_eos(out, logprob, opts.eos_id, crosses, grid)
 
 
 @torch.inference_mode()
-def naive_greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions) -> list[Hypothesis]:
-    """Greedy decoding without caches: the whole prefix is re-decoded every step (the reference path)."""
-    B = images.shape[0]
-    memory = model.encode(images).memory  # (B, N, D)
+def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
+           need_weights: bool = False, static: bool = False) -> list[Caption]:
+    """Pick the most likely token at every step. static: fixed-size caches (see `fixed_caches_pay`)."""
+    encoded = model.encode(images)
+    steps = _steps(model, encoded.memory, opts, static=static, need_weights=need_weights)
     banned = opts.banned()
-    prefix = torch.full((B, 1), opts.bos_id, dtype=torch.long, device=images.device)
-    logprob = torch.zeros(B, device=images.device)
-    alive = torch.ones(B, dtype=torch.bool, device=images.device)
-    for _ in range(opts.max_len):
-        logits, _ = model.decode(memory, prefix)  # (B, T, V): all positions recomputed
-        logp = _log_probs(logits[:, -1], banned)
-        best_logp, tokens = logp.max(dim=-1)
-        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
-        logprob += torch.where(alive, best_logp, torch.zeros_like(best_logp))
-        prefix = torch.cat([prefix, tokens[:, None]], dim=1)
-        alive &= tokens != opts.eos_id
-        if not alive.any():
-            break
-    return _hypotheses(prefix[:, 1:], logprob, opts.eos_id, [])
+
+    def most_likely(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best_logp, tokens = _log_probs(logits, banned).max(dim=-1)  # (rows,)
+        return tokens, best_logp
+
+    return _extend(steps, opts, most_likely, rows=images.shape[0], device=images.device, grid=encoded.grid,
+                   need_weights=need_weights)
 
 
 @torch.inference_mode()
 def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, beam: int = 3,
                 length_penalty: float = 0.0, no_repeat_ngram: int = 0, need_weights: bool = False,
-                n_best: int = 1, static: bool | None = None) -> list[Hypothesis]:
+                n_best: int = 1, static: bool = False) -> list[Caption]:
     """Keep the `beam` best prefixes per image; all (images x beams) rows advance as one batch.
 
     Finished hypotheses are ranked by logprob / length**length_penalty (0 = plain log-probability,
@@ -132,15 +150,12 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
     best one's `runners_up`: the search only stops once no live beam can beat the beam-th best finished
     one, so the first `beam` of them are final. `static` as in `greedy`.
     """
-    if beam < 1:
-        raise ValueError(f"beam must be >= 1, got {beam}")
-    if not 1 <= n_best <= beam:
-        raise ValueError(f"n_best must be between 1 and beam ({beam}), got {n_best}")
+    check_search(beam=beam, n_best=n_best, no_repeat_ngram=no_repeat_ngram)
     B, device = images.shape[0], images.device
     K = beam
     encoded = model.encode(images)
     # (B*K) rows, the beams of an image adjacent
-    steps = model.begin(encoded.memory, per_image=K, static_len=_static_len(static, images, opts, need_weights))
+    steps = _steps(model, encoded.memory, opts, per_image=K, static=static, need_weights=need_weights)
     banned = opts.banned()
     tokens = torch.full((B * K,), opts.bos_id, dtype=torch.long, device=device)
     # Only the first beam of each image is live at the start, so the K beams do not all pick the same word.
@@ -183,7 +198,7 @@ def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, 
     for b in range(B):
         # sorted() is stable (reverse too): among equal scores the first to finish stays first
         ranked = sorted(finished[b], key=lambda f: f[0], reverse=True)[:n_best]
-        best, *runners_up = [Hypothesis(seq, lp, score, crosses, encoded.grid) for score, lp, seq, crosses in ranked]
+        best, *runners_up = [Caption(seq, lp, score, crosses, encoded.grid) for score, lp, seq, crosses in ranked]
         best.runners_up = runners_up
         results.append(best)
     return results
@@ -262,35 +277,23 @@ def _ban_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
 @torch.inference_mode()
 def sample(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, n: int = 1,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, static: bool | None = None) -> list[list[Hypothesis]]:
+           generator: torch.Generator | None = None, static: bool = False) -> list[list[Caption]]:
     """Draw `n` captions per image from the (temperature, top-k, nucleus top-p) filtered distribution.
 
     `static` as in `greedy`.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    B, device = images.shape[0], images.device
-    memory = model.encode(images).memory  # (B, N, D)
-    steps = model.begin(memory, per_image=n, static_len=_static_len(static, images, opts, False))  # (B*n) rows
+    check_search(sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    B = images.shape[0]
+    steps = _steps(model, model.encode(images).memory, opts, per_image=n, static=static)  # (B*n) rows
     banned = opts.banned()
-    tokens = torch.full((B * n,), opts.bos_id, dtype=torch.long, device=device)
-    out = torch.full((B * n, opts.max_len), opts.eos_id, dtype=torch.long, device=device)
-    logprob = torch.zeros(B * n, device=device)
-    alive = torch.ones(B * n, dtype=torch.bool, device=device)
-    for t in range(opts.max_len):
-        logits, _ = steps.step(tokens)
+
+    def draw(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logp = _log_probs(logits / temperature, banned)  # (B*n, V)
         filtered = filter_logits(logp, top_k=top_k, top_p=top_p)
-        tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
-        tokens = torch.where(alive, tokens, torch.full_like(tokens, opts.eos_id))
-        logprob += torch.where(alive, logp.gather(1, tokens[:, None]).squeeze(1), torch.zeros_like(logprob))
-        out[:, t] = tokens
-        alive &= tokens != opts.eos_id
-        if not alive.any():
-            break
-    flat = _hypotheses(out, logprob, opts.eos_id, [])
+        tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)  # (B*n,)
+        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+    flat = _extend(steps, opts, draw, rows=B * n, device=images.device)
     return [flat[i * n:(i + 1) * n] for i in range(B)]
 
 
@@ -309,42 +312,28 @@ def filter_logits(logp: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> 
     return logp
 
 
-def _hypotheses(out: torch.Tensor, logprob: torch.Tensor, eos_id: int, crosses: list[torch.Tensor],
-                grid: tuple[int, int] | None = None) -> list[Hypothesis]:
-    """Cut each row at its first <eos> and package it, ranked by its logprob (with its attention when recorded)."""
-    rows = out.tolist()
-    cross = torch.stack(crosses, dim=0) if crosses else None  # (T, L, B, H, N)
-    results = []
-    for b, row in enumerate(rows):
+def _cut_at_eos(out: torch.Tensor, logprob: torch.Tensor, eos_id: int, crosses: list[torch.Tensor],
+                grid: tuple[int, int] | None) -> list[Caption]:
+    """Cut each row of `out` (rows, max_len) at its first <eos>, with its attention when it was recorded."""
+    cross = torch.stack(crosses, dim=0) if crosses else None  # (T, L, rows, H, N)
+    captions = []
+    for b, row in enumerate(out.tolist()):
         length = row.index(eos_id) if eos_id in row else len(row)
         weights = None
         if cross is not None:
             # one map per generated word, plus the step that produced <eos> when there is one
             steps = min(length + 1, cross.shape[0])
             weights = cross[:steps, :, b]  # (T, L, H, N)
-        results.append(Hypothesis(row[:length], float(logprob[b]), float(logprob[b]), weights, grid))
-    return results
+        captions.append(Caption(row[:length], float(logprob[b]), float(logprob[b]), weights, grid))
+    return captions
 
 
 # ----------------------------------------------------------------------------- settings -> captions
 
 
 @dataclass
-class Caption:
-    """A caption of one image: its words, its log-probability, and optionally where it looked."""
-
-    text: str
-    words: list[str]
-    logprob: float
-    score: float  # what the search ranked by (equals logprob unless a length penalty was used)
-    cross: torch.Tensor | None = None  # (T, L, H, N) decoder cross-attention per word (+ <eos> step)
-    grid: tuple[int, int] | None = None  # (h, w): N = h*w regions of the encoder
-    runners_up: list[Caption] = field(default_factory=list)  # the next best of a beam search, with n_best > 1
-
-
-@dataclass
 class DecodeSettings:
-    """How to search for captions; validated before any work starts."""
+    """How to search for captions; validated (check_search) before any work starts."""
 
     beam: int = 1
     max_len: int = 30
@@ -361,21 +350,8 @@ class DecodeSettings:
     cuda_graph: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.beam <= 64:
-            raise ConfigError(f"--beam must be between 1 and 64, got {self.beam}")
-        if not 1 <= self.n_best <= self.beam or (self.n_best > 1 and self.sample):
-            raise ConfigError(f"--n-best must be between 1 and --beam ({self.beam}) and needs beam search, "
-                              f"got {self.n_best}")
-        if not 1 <= self.max_len <= 500:
-            raise ConfigError(f"--max-len must be between 1 and 500, got {self.max_len}")
-        if self.no_repeat_ngram < 0:
-            raise ConfigError(f"--no-repeat-ngram must be >= 0, got {self.no_repeat_ngram}")
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        check_search(beam=self.beam, n_best=self.n_best, max_len=self.max_len, no_repeat_ngram=self.no_repeat_ngram,
+                     sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def search_options(vocab: Vocabulary, max_len: int) -> SearchOptions:
@@ -389,22 +365,18 @@ def decode_batch(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor,
     """The one place that turns settings into a search: sampling, greedy, or beam search over images (B, 3, S, S)."""
     settings = settings or DecodeSettings()
     opts = search_options(vocab, settings.max_len)
-    static = None if settings.cuda_graph else False  # None: static (and graphed) on a GPU
+    static = settings.cuda_graph and fixed_caches_pay(images.device)
     if settings.sample:
         g = torch.Generator(device=images.device).manual_seed(settings.seed)
-        hyps = [h[0] for h in sample(model, images, opts, temperature=settings.temperature, top_k=settings.top_k,
-                                     top_p=settings.top_p, generator=g, static=static)]
+        captions = [c[0] for c in sample(model, images, opts, temperature=settings.temperature, top_k=settings.top_k,
+                                         top_p=settings.top_p, generator=g, static=static)]
     elif settings.beam == 1 and settings.no_repeat_ngram == 0:
-        hyps = greedy(model, images, opts, need_weights=need_weights, static=static)
+        captions = greedy(model, images, opts, need_weights=need_weights, static=static)
     else:
-        hyps = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
-                           no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights,
-                           n_best=settings.n_best, static=static)
-    return [_caption(vocab, h) for h in hyps]
-
-
-def _caption(vocab: Vocabulary, h: Hypothesis) -> Caption:
-    """Token ids -> words; specials are never generated, so the words align with h.cross."""
-    text = vocab.decode(h.tokens)
-    return Caption(text, text.split(), h.logprob, h.score, h.cross, h.grid,
-                   [_caption(vocab, r) for r in h.runners_up])
+        captions = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
+                               no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights,
+                               n_best=settings.n_best, static=static)
+    for caption in captions:
+        for c in (caption, *caption.runners_up):
+            c.text = vocab.decode(c.tokens)
+    return captions

@@ -19,7 +19,7 @@ import torch
 from captioner import checkpoint, metrics, training
 from captioner.config import SCSTConfig, TrainConfig
 from captioner.data.dataset import Batch
-from captioner.decoding import greedy, sample, search_options
+from captioner.decoding import fixed_caches_pay, greedy, sample, search_options
 from captioner.errors import ConfigError
 from captioner.runtime import Dist, autocast, precision_plan, resolve_device
 
@@ -68,9 +68,10 @@ def scst_loss(model: torch.nn.Module, images: torch.Tensor, refs: list[list[str]
     opts = search_options(vocab, max_len)
     t_start = time.perf_counter()
     model.eval()  # no dropout: the sampled captions and their re-scoring see the same model
+    static = fixed_caches_pay(images.device)
     with autocast(images.device, dtype):
-        drawn = sample(model, images, opts, n=K, temperature=scst.temperature, generator=generator)
-        best = greedy(model, images, opts) if scst.baseline == "greedy" else None  # decoding, not reward time
+        drawn = sample(model, images, opts, n=K, temperature=scst.temperature, generator=generator, static=static)
+        best = greedy(model, images, opts, static=static) if scst.baseline == "greedy" else None  # not reward time
     flat = [h for per_image in drawn for h in per_image]  # B*K, image-major
     t_reward = time.perf_counter()
     rewards = torch.tensor(cider.batch([vocab.decode(h.tokens) for h in flat], [refs[i // K] for i in range(B * K)]),

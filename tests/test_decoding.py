@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captioner.decoding import SearchOptions, beam_search, filter_logits, greedy, naive_greedy, sample
+from captioner.decoding import SearchOptions, beam_search, filter_logits, greedy, sample
 from captioner.models.captioner import CaptionModel
 
 from .conftest import tiny_model_config
+from .reference import naive_greedy
 
 OPTS = SearchOptions(bos_id=1, eos_id=2, max_len=12, pad_id=0, unk_id=3)
 

@@ -59,8 +59,8 @@ def test_hooks_see_every_module_of_training_and_of_decoding_steps(encoder: str, 
     model.eval()
     with torch.inference_mode():
         memory = model.encode(images).memory
-        state = model.start(memory)
-        stepped = _fired(model.decoder, lambda: [model.step(tokens[:, t], state) for t in range(3)])
+        steps = model.begin(memory)
+        stepped = _fired(model.decoder, lambda: [steps.step(tokens[:, t]) for t in range(3)])
     # Every decoder module but the layer list (a container) and the cross-attention K/V projections (run
     # once by `start`); the scores are the explicit path's (the fused path computes them inside SDPA).
     never = {"layers"} | {f"layers.{i}.cross_attn.to_kv" for i in range(2)}
@@ -146,10 +146,10 @@ def test_cached_steps_on_either_path_match_the_full_pass(sdpa_calls, images: int
         want, _ = model.decode(memory[rows], tokens)  # (B, T, V): every row against its own copy of the memory
         for path, per_step in (("fused", 2), ("explicit", 0)):
             model.use_kernels(Kernels(attention=path))
-            state = model.start(memory)
-            state.reorder(rows)
+            steps = model.begin(memory)
+            steps.reorder(rows)
             sdpa_calls.clear()
-            got = torch.stack([model.step(tokens[:, t], state)[0] for t in range(5)], dim=1)
+            got = torch.stack([steps.step(tokens[:, t])[0] for t in range(5)], dim=1)
             assert len(sdpa_calls) == 5 * per_step, path
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=path)
 

@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     "captioner.data": 2,        # images, vocab, synthetic, sources, dataset
     "captioner.checkpoint": 3,  # run directories
     "captioner.concepts": 3,    # the visual-concept loss: which words an image's captions contain
-    "captioner.decoding": 4,    # greedy / beam / sample over CaptionModel.step
+    "captioner.decoding": 4,    # greedy / beam / sample over CaptionModel.begin's steps
     "captioner.metrics": 4,
     "captioner.results": 4,     # result files (jsonl, csv, json): streamed, flushed, read back to resume
     "captioner.api": 5,         # Captioner.load / caption

@@ -226,16 +226,20 @@ def test_step_with_caches_reproduces_forward(encoder: str, cross_score: str) -> 
         want = model(images, tokens)  # fused full pass
         memory = model.encode(images).memory
         _, want_cross = model.decode(memory, tokens, need_weights=True)
-        state = model.start(memory)
-        steps = [model.step(tokens[:, t], state, need_weights=True) for t in range(9)]
+        stepper = model.begin(memory)
+        steps = [stepper.step(tokens[:, t], need_weights=True) for t in range(9)]
     got = torch.stack([logits for logits, _ in steps], dim=1)  # (B, T, V)
     got_cross = torch.stack([cross for _, cross in steps], dim=3)  # (L, B, H, T, N)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_cross, want_cross, atol=1e-5, rtol=1e-5)
-    assert state.position == 9
+    assert stepper.state.position == 9
+    with pytest.raises(AssertionError, match="one token id per row"), torch.no_grad():
+        model.begin(memory).step(tokens[:, :1])  # (B, 1): a prefix, not a step's tokens
+    with pytest.raises(AssertionError, match="torch.long"), torch.no_grad():
+        model.begin(memory).step(tokens[:, 0].float())
     model.train()  # the step has no dropout: training goes through forward
     with pytest.raises(AssertionError, match="inference"), torch.no_grad():
-        model.step(tokens[:, 0], model.start(memory))
+        model.begin(memory).step(tokens[:, 0])
 
 
 @pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
@@ -250,9 +254,10 @@ def test_step_and_cached_forward_equal_the_whole_prefix_pass(encoder: str, norm_
     for kernels in (Kernels(), Kernels(attention="explicit")):
         model.use_kernels(kernels)
         with torch.inference_mode():  # as decoding runs it
-            state = model.start(memory)
+            stepper = model.begin(memory)
+            state = stepper.state
             head, head_cross = model.decoder(tokens[:, :5], None, state=state, need_weights=True)  # a 5-token chunk
-            steps = [model.step(tokens[:, t], state, need_weights=True) for t in range(5, 8)]
+            steps = [stepper.step(tokens[:, t], need_weights=True) for t in range(5, 8)]
         got = torch.cat([head, torch.stack([logits for logits, _ in steps], dim=1)], dim=1)
         got_cross = torch.cat([head_cross, torch.stack([cross for _, cross in steps], dim=3)], dim=3)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -277,18 +282,19 @@ def test_state_reorder_expands_images_into_beams() -> None:
     images, tokens = _images(2), _tokens(2, 4)
     index = torch.tensor([0, 0, 0, 1, 1, 1])  # 2 images x 3 beams
     with torch.no_grad():
-        state = model.start(model.encode(images).memory)
-        state.reorder(index)  # before the first step, as beam search does
-        a = [model.step(tokens[index, t], state)[0] for t in range(2)]
-        state.reorder(torch.tensor([2, 1, 0, 5, 5, 3]))  # beams swap and repeat mid-way
-        b = model.step(tokens[index, 2], state)[0]
+        steps = model.begin(model.encode(images).memory)
+        state = steps.state
+        steps.reorder(index)  # before the first step, as beam search does
+        a = [steps.step(tokens[index, t])[0] for t in range(2)]
+        steps.reorder(torch.tensor([2, 1, 0, 5, 5, 3]))  # beams swap and repeat mid-way
+        b = steps.step(tokens[index, 2])[0]
         ref = model(images, tokens[:, :3])
     torch.testing.assert_close(a[1], ref[index, 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b, ref[index[[2, 1, 0, 5, 5, 3]], 2], atol=1e-5, rtol=1e-5)
     # The 6 rows share their image's cross-attention K/V: still one row per image, never copied per beam.
     assert state.self_caches[0].k.shape[0] == 6 and state.cross_caches[0].k.shape[0] == 2
     with pytest.raises(AssertionError, match="reorder the state"):
-        model.step(tokens[:, 0], state)
+        steps.step(tokens[:, 0])
     with pytest.raises(AssertionError, match="their own image"):
         state.reorder(torch.tensor([3, 1, 0, 5, 5, 3]))  # row 0 would continue a beam of the other image
 

@@ -103,7 +103,7 @@ def test_weights_changed_in_place_are_read_and_replaced_weights_get_a_new_state(
     assert len(model.step_graphs._kept) == 2
 
 
-def test_auto_is_growing_on_the_cpu_and_weights_need_growing_caches() -> None:
+def test_growing_caches_by_default_and_attention_weights_need_them() -> None:
     model, images = _model(), _images(2)
     greedy(model, images, OPTS)
     greedy(model, images, OPTS, static=True, need_weights=True)
@@ -181,17 +181,21 @@ def test_cuda_graph_captions_equal_growing_caches() -> None:
     for batch in (1, 4):
         images = _images(batch).cuda()
         for _ in range(2):  # recorded, then replayed from the kept recording
-            _same(greedy(model, images, OPTS), greedy(model, images, OPTS, static=False))
-            _same(beam_search(model, images, OPTS, beam=3), beam_search(model, images, OPTS, beam=3, static=False))
+            _same(greedy(model, images, OPTS, static=True), greedy(model, images, OPTS, static=False))
+            _same(beam_search(model, images, OPTS, beam=3, static=True),
+                  beam_search(model, images, OPTS, beam=3, static=False))
     assert all(s.graph is not None for s in model.step_graphs._kept.values())
 
 
-@pytest.mark.parametrize(("cuda_graph", "static"), [(True, None), (False, False)])
-def test_decode_settings_choose_the_graph(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool,
-                                          static: bool | None) -> None:
+@pytest.mark.parametrize(("cuda_graph", "gpu", "static"), [(True, True, True), (False, True, False),
+                                                        (True, False, False)])
+def test_decode_settings_choose_the_graph(monkeypatch: pytest.MonkeyPatch, cuda_graph: bool, gpu: bool,
+                                          static: bool) -> None:
+    """Fixed-size (graphed) caches where they pay, unless --no-cuda-graph; growing ones on the CPU."""
     from captioner import decoding
     from captioner.data.vocab import Vocabulary
 
+    monkeypatch.setattr(decoding, "fixed_caches_pay", lambda device: gpu)
     asked = []
     for name in ("greedy", "beam_search", "sample"):
         monkeypatch.setattr(decoding, name, lambda *a, _name=name, **kw: asked.append((_name, kw["static"])) or [])

@@ -88,7 +88,6 @@ class CaptionModel(nn.Module):
     def decode(self, memory: torch.Tensor, tokens: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Whole-prefix pass (the naive path): logits (B, T, V), cross-attention weights (L, B, H, T, N) | None."""
-        _check_tokens(tokens)
         return self.decoder(tokens, memory, pad_mask=pad_mask, need_weights=need_weights)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, *, pad_mask: torch.Tensor | None = None,
@@ -112,29 +111,16 @@ class CaptionModel(nn.Module):
 
     # -- incremental decoding ---------------------------------------------------------------------------
 
-    def start(self, memory: torch.Tensor, *, per_image: int = 1, capacity: int | None = None) -> DecoderState:
-        """Decoding state for memory (B, N, D): cross-attention K/V computed once, empty self-attention caches.
-
-        per_image rows decode each image (beams, samples); capacity gives fixed-size caches (see graphs.py).
-        """
-        return self.decoder.start(memory, per_image=per_image, capacity=capacity)
-
     def begin(self, memory: torch.Tensor, *, per_image: int = 1, static_len: int | None = None) -> Stepper:
-        """The decoding steps of memory (B, N, D), per_image rows per image: `Stepper.step(tokens)` advances them.
+        """The one way into incremental decoding: a `Stepper` over memory (B, N, D), per_image rows per image.
 
         static_len: fixed-size caches of that many positions, reused across calls of the same shape and, on
         a GPU, the step replayed from a CUDA graph (graphs.py); None: caches that grow, made afresh.
         """
         if static_len is None:
-            return Stepper(self.decoder, self.start(memory, per_image=per_image))
+            return Stepper(self.decoder, self.decoder.start(memory, per_image=per_image))
         return self.step_graphs.stepper(self.decoder, memory, per_image=per_image, capacity=static_len,
                                         record=memory.device.type == "cuda")
-
-    def step(self, tokens: torch.Tensor, state: DecoderState, *,
-             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token per row (B,) -> (logits (B, V), cross weights (L, B, H, N) | None); the caches grow by one."""
-        _check_tokens(tokens)
-        return self.decoder.step(tokens, state, need_weights=need_weights)
 
     # -- optimisation -------------------------------------------------------------------------------------
 
@@ -180,7 +166,3 @@ class ConceptHead(nn.Module):
         """memory (B, N, D), word embeddings (V, D) -> word logits (B, V)."""
         pooled = self.proj(self.norm(memory.mean(dim=1)))  # (B, D)
         return pooled @ words.t()  # (B, V)
-
-
-def _check_tokens(tokens: torch.Tensor) -> None:
-    assert tokens.dtype == torch.long, f"tokens must be token ids (torch.long), got {tokens.dtype}"

@@ -1,9 +1,9 @@
 """The Transformer decoder: token embedding + positions, layers of masked self-attention, cross-attention
 to the image memory and feed-forward, and an output layer tied to the embedding.
 
-One code path, two uses: `forward` decodes whole prefixes under a causal mask (training, and the naive
-reference), and with a `DecoderState` continues sequences against KV caches; `start` + `step` are that
-cached forward one token at a time (inference).
+One code path, two uses: `forward` decodes whole prefixes under a causal mask (training), and with a
+`DecoderState` continues sequences against KV caches; `start` + `step` are that cached forward one token
+at a time, which inference reaches through `CaptionModel.begin` (a `Stepper`, models/graphs.py).
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ class TransformerDecoder(nn.Module):
         the cached positions too; the cross caches hold the memory's K/V (memory may be None), and the
         state advances by T.
         """
+        assert tokens.dtype == torch.long, f"tokens must be token ids (torch.long), got {tokens.dtype}"
         B, T = tokens.shape
         if state is None:
             assert memory is not None and memory.dim() == 3 and B % memory.shape[0] == 0, \
@@ -217,25 +218,12 @@ class TransformerDecoder(nn.Module):
                                                dtype=memory.dtype, device=memory.device) for _ in self.layers]
         return state
 
-    def restart(self, state: DecoderState, memory: torch.Tensor) -> None:
-        """Reuse a static state for new images of the same shape: their K/V into its memory, position 0."""
-        assert state.index is not None, "only static states are restarted; start a growing one afresh"
-        for layer, cache in zip(self.layers, state.cross_caches, strict=True):
-            k, v = layer.cross_attn.project_kv(memory, memory)
-            cache.k.copy_(k)  # frozen caches hold whole tensors (no spare capacity): k is all of it
-            cache.v.copy_(v)
-        for cache in state.self_caches:
-            cache.clear()
-        state.index.zero_()
-        state.position = 0
-
     def step(self, tokens: torch.Tensor, state: DecoderState, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed one token per row: tokens (B,) -> (logits (B, V), cross weights (L, B, H, N) | None); state advances.
 
         `forward` with the state, for a prefix of one token.
         """
-        assert tokens.dim() == 1, f"step takes one token per row (B,), got {tuple(tokens.shape)}"
         assert not self.training, "step is for inference: train on whole prefixes (forward)"
         logits, cross = self(tokens[:, None], None, state=state, need_weights=need_weights)
         return logits[:, 0], (None if cross is None else cross[:, :, :, 0])  # (B, V), (L, B, H, N)

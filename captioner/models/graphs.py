@@ -26,7 +26,7 @@ KEPT = 4  # recorded shapes kept per model; each holds its caches and the images
 
 
 class Stepper:
-    """One decoding call's steps: `step(tokens)` -> (logits (rows, V), cross weights | None); `reorder(index)`.
+    """One decoding call's steps (from `CaptionModel.begin`): `step(tokens)` advances every row by one token.
 
     With growing caches it is `decoder.step` on a fresh state. With a static state it copies the tokens
     into the state's own buffer and runs the step eagerly or replays its graph; the logits it returns then
@@ -41,6 +41,9 @@ class Stepper:
 
     def step(self, tokens: torch.Tensor, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row (rows,) -> (logits (rows, V), cross weights (L, rows, H, N) | None)."""
+        assert tokens.dim() == 1 and tokens.dtype == torch.long, \
+            f"step takes one token id per row, a (rows,) torch.long tensor, got {tokens.dtype} {tuple(tokens.shape)}"
         if self.tokens is None:
             return self.decoder.step(tokens, self.state, need_weights=need_weights)
         assert not need_weights, "static steps return no attention weights: decode with growing caches"
@@ -85,7 +88,7 @@ class StepGraphs:
                 self._kept.popitem(last=False)
         else:
             self._kept.move_to_end(key)
-            decoder.restart(kept.state, memory)
+            _restart(decoder, kept.state, memory)
         return kept
 
 
@@ -108,8 +111,20 @@ def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capa
     except RuntimeError as e:  # an op this torch or driver cannot record: the same step, launched op by op
         warnings.warn(f"decoding without a CUDA graph: recording the step failed ({e})", stacklevel=3)
         graph = logits = None
-    decoder.restart(state, memory)  # the warm-up steps wrote into the caches and moved the position
+    _restart(decoder, state, memory)  # the warm-up steps wrote into the caches and moved the position
     return Stepper(decoder, state, tokens=tokens, graph=graph, logits=logits)
+
+
+def _restart(decoder: TransformerDecoder, state: DecoderState, memory: torch.Tensor) -> None:
+    """Reuse a static state for new images of the same shape: their K/V into its memory, position 0."""
+    for layer, cache in zip(decoder.layers, state.cross_caches, strict=True):
+        k, v = layer.cross_attn.project_kv(memory, memory)
+        cache.k.copy_(k)  # frozen caches hold whole tensors (no spare capacity): k is all of it
+        cache.v.copy_(v)
+    for cache in state.self_caches:
+        cache.clear()
+    state.index.zero_()
+    state.position = 0
 
 
 def _record(decoder: TransformerDecoder, state: DecoderState,
