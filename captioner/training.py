@@ -89,6 +89,16 @@ def lr_factor(step: int, *, warmup: int, schedule: str, total: int) -> float:
 
 MAX_WARMUP_SHARE = 0.2  # of a default-length run's steps, whatever --warmup-steps says (see warmup_schedule)
 TRAIN_LOG_EVERY = 50  # steps between the training-loss records in metrics.jsonl (validations have no phase key)
+LOG_EVERY = 10  # steps between progress events: often enough to watch the loss move, without a line per step
+
+# The time budget plans to end at this share of the limit less these seconds: the pace varies between windows,
+# and a plan a little too long would let the clock cut the schedule just before it anneals.
+BUDGET_SHARE, BUDGET_MARGIN_S = 0.97, 1.0
+PACE_MIN_STEPS = 20  # a pace measured over fewer steps (a window a validation closed early) is mostly noise
+FIRST_EVAL_S = 10.0  # a guess at one validation + save, until the first one is timed
+# Steps after `fit` begins at which the schedule is refitted, besides at every validation: the first opens the
+# pace window once the first steps' warm-up is past, the second fits the schedule without waiting for a validation.
+REFIT_AFTER_STEPS = (10, 110)
 
 
 class TimeBudget:
@@ -108,7 +118,7 @@ class TimeBudget:
         self.evals_per_step = 1 / steps_per_epoch + (1 / val_every if val_every else 0.0)
         self.window: tuple[int, float] | None = None  # (step, training seconds) where the pace window starts
         self.train_s = 0.0  # seconds spent in training steps (not validating or saving)
-        self.eval_s = 10.0  # seconds one validation + save costs; measured after the first one
+        self.eval_s = FIRST_EVAL_S  # seconds one validation + save costs; measured after each one
 
     def plan(self, step: int, now: float) -> int | None:
         """Steps the schedule should end at, given the pace since the window began; None until it is known."""
@@ -116,11 +126,11 @@ class TimeBudget:
             self.window = (step, self.train_s)
             return None
         steps, seconds = step - self.window[0], self.train_s - self.window[1]
-        if steps < 20:
+        if steps < PACE_MIN_STEPS:
             return None
         self.window = (step, self.train_s)
         # r more steps cost r * pace, plus the validations on the way and one at the end: solve for r.
-        left = self.limit_s * 0.97 - 1.0 - (now - self.started) - self.eval_s  # a margin for the clock's noise
+        left = self.limit_s * BUDGET_SHARE - BUDGET_MARGIN_S - (now - self.started) - self.eval_s
         per_step = seconds / steps + self.eval_s * self.evals_per_step
         return max(step + 1, min(self.cap, step + int(left / per_step)))
 
@@ -178,6 +188,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
+            # 100_003: a prime above any epoch count, so no two (seed, epoch) pairs share a generator seed
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
@@ -223,38 +234,67 @@ class Data:
 
 
 @dataclass
-class Run:
-    """The state of one training run: every phase function reads it and advances it."""
+class Clock:
+    """The loop's timing, all perf_counter readings: the run's seconds, the budget's pace and images/s."""
 
+    t0: float  # when `fit` began: the seconds the run reports at its end
+    tick: float  # the end of the last step or validation: the budget's training time counts from it
+    window_start: float  # the last progress event: images/s is measured since it
+    window_images: int  # images trained on since window_start, by all processes
+    start_step: int  # the step `fit` began at: the refits count from it, and only later steps need saving on error
+
+    @classmethod
+    def start(cls, step: int = 0) -> Clock:
+        """Every reading at the same instant, now, for a loop that begins at `step`."""
+        now = time.perf_counter()
+        return cls(t0=now, tick=now, window_start=now, window_images=0, start_step=step)
+
+
+@dataclass
+class Run:
+    """The state of one training run: what `prepare` built, and the progress the phase functions advance."""
+
+    # Built by `prepare` (or scst.prepare_scst); fixed from then on unless a comment says otherwise.
     cfg: TrainConfig
-    run_dir: Path
+    run_dir: Path  # the run's folder: config.json, metrics.jsonl, best and last checkpoints
     data: Data
     model: CaptionModel
     optimizer: torch.optim.Optimizer
-    dist: Dist
+    dist: Dist  # this process's place among the run's processes (one without torchrun)
     device: torch.device
-    precision: PrecisionPlan
-    sampler: EpochSampler
+    precision: PrecisionPlan  # the dtype training's forward passes autocast to (and whether fp16 needs `scaler`)
+    sampler: EpochSampler  # the loader's order: set per epoch, and where in it a resumed run starts
     loader: torch.utils.data.DataLoader
-    steps_per_epoch: int
-    total_steps: int
-    emit: Event
+    steps_per_epoch: int  # optimiser steps, each over --accumulate batches of every process
+    total_steps: int  # the schedule's length: configured, or refitted to the time limit as the pace is known
+    emit: Event  # where progress goes (the CLI prints it): the loop itself never prints
     started: float  # perf_counter when the run began: the time limit counts data preparation too
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # the learning rate at each step
-    train_model: nn.Module | None = None  # the model as trained: itself, or its DDP / compiled wrapper
-    scaler: torch.amp.GradScaler | None = None  # fp16 only
-    budget: TimeBudget | None = None
+    # The model as trained: itself, or its DDP / compiled wrapper (made again when the backbone joins).
+    train_model: nn.Module | None = None
+    scaler: torch.amp.GradScaler | None = field(init=False)  # fp16 only: made from `precision` (__post_init__)
+    budget: TimeBudget | None = None  # fits total_steps to a time limit; only on a fresh run of the default length
     record_tags: dict[str, Any] = field(default_factory=dict)  # added to every validation record
-    log_every: int = 10  # steps between progress events
-    step: int = 0
-    epoch: int = 0
-    stale: int = 0  # validations since `best` last improved
-    best: dict[str, Any] = field(default_factory=dict)
-    last: dict[str, Any] = field(default_factory=dict)
-    out_of_time: bool = False
-    interrupted: list[int] = field(default_factory=list)  # signals received
-    clock: dict[str, float] = field(default_factory=dict)  # pace bookkeeping of the progress events
+    log_every: int = LOG_EVERY  # steps between progress events
     lock: checkpoint.RunLock | None = None  # the main process's hold on run_dir, released when the run ends
+
+    # Progress: what the loop advances; step, epoch, stale and best are saved for an exact resume.
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # the epoch being trained, counted from 0: the epochs completed
+    stale: int = 0  # validations since `best` last improved
+    best: dict[str, Any] = field(default_factory=dict)  # the validation record of best.safetensors
+    last: dict[str, Any] = field(default_factory=dict)  # the latest validation record
+    out_of_time: bool = False  # the time limit was reached (on any process)
+    interrupted: list[int] = field(default_factory=list)  # signals received, acted on between steps
+    clock: Clock = field(default_factory=Clock.start)  # restarted by `fit`
+
+    def __post_init__(self) -> None:
+        self.scaler = grad_scaler(self.precision)
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Steps taken in the current epoch: `steps_per_epoch` once it is complete and `epoch` not yet advanced."""
+        return self.step - self.epoch * self.steps_per_epoch
 
     @property
     def best_score(self) -> tuple[float, ...]:
@@ -287,11 +327,14 @@ class Run:
             fitted = f", fitted to the {self.time_limit:g}-min limit," if self.budget is not None else ""
             return f"the learning-rate schedule{fitted} ended"
         if self.converged():
-            return (f"early stop: no {SELECTED_BY[self.data.knows_truth]} gain in the last {self.stale} "
-                    "validations")
+            return self.early_stop_reason()
         if self.out_of_time:
             return f"the {self.time_limit:g}-min time limit was reached"
         return "stopped"
+
+    def early_stop_reason(self) -> str:
+        """What early stop saw, in a few words (the warning when it happens, and the end of the run's output)."""
+        return f"early stop: no {SELECTED_BY[self.data.knows_truth]} gain in the last {self.stale} validations"
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -356,7 +399,6 @@ def _build(cfg: TrainConfig, run_dir: Path, resume: bool, dist_info: Dist, devic
               cfg.resolved_steps(steps_per_epoch), emit, started)
     plan_steps(run, weights.train_state if weights is not None else None)
     run.scheduler = warmup_schedule(run)
-    run.scaler = grad_scaler(plan)
     if weights is not None:
         restore(run, weights)
     elif dist_info.main:
@@ -596,7 +638,7 @@ def write_config(run: Run, **sections: Any) -> None:
 
 
 def wrap_for_training(run: Run) -> None:
-    """DDP across processes, torch.compile when asked, a loss scaler for fp16."""
+    """DDP across processes, torch.compile when asked."""
     wrapped: nn.Module = run.model
     if run.dist.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
@@ -604,8 +646,6 @@ def wrap_for_training(run: Run) -> None:
     if run.cfg.compile:
         wrapped = torch.compile(wrapped)
     run.train_model = wrapped
-    if run.scaler is None:
-        run.scaler = grad_scaler(run.precision)
 
 
 def grad_scaler(plan: PrecisionPlan) -> torch.amp.GradScaler | None:
@@ -820,10 +860,10 @@ def validate_and_save(run: Run) -> None:
     validate(run)  # updates `stale`, so whether this is the end is decided after it
     finished = run.stopping()
     save(run, finished=finished)
-    run.clock["tick"] = time.perf_counter()
+    run.clock.tick = time.perf_counter()
     if run.budget is not None and not finished and not run.out_of_time:
-        run.budget.eval_s = run.clock["tick"] - began
-        _refit(run, run.clock["tick"])
+        run.budget.eval_s = run.clock.tick - began
+        _refit(run, run.clock.tick)
 
 
 def _refit(run: Run, now: float) -> None:
@@ -855,8 +895,7 @@ def _signals_caught(run: Run) -> Iterator[None]:
 def fit(run: Run, step_fn: StepFn = cross_entropy_step) -> TrainResult:
     """Train until the schedule ends, early stop, the time limit or a signal; validate and save on the way."""
     run.model.train()
-    now = time.perf_counter()
-    run.clock.update(t0=now, window_t=now, window_images=0, tick=now, start_step=run.step)
+    run.clock = Clock.start(run.step)
     with _signals_caught(run):
         run.emit("start", _start_event(run))
         try:
@@ -878,7 +917,7 @@ def fit(run: Run, step_fn: StepFn = cross_entropy_step) -> TrainResult:
 
 def _save_before_failing(run: Run) -> None:
     """On any other error (a file gone bad mid-epoch, out of memory, a bug), keep the progress since the last save."""
-    if run.step <= run.clock["start_step"]:
+    if run.step <= run.clock.start_step:
         return  # nothing new to keep
     with suppress(Exception):  # the original error is the one to report
         save(run, every_rank=False)
@@ -888,12 +927,11 @@ def _save_before_failing(run: Run) -> None:
 
 def run_epoch(run: Run, step_fn: StepFn) -> bool:
     """Train from the current position to the end of its epoch (or a stop); True when training is over."""
-    start_in_epoch = run.step - run.epoch * run.steps_per_epoch
-    if start_in_epoch >= run.steps_per_epoch:
+    if run.step_in_epoch >= run.steps_per_epoch:  # resumed from a state saved at its epoch's last step
         run.epoch += 1
         return False
     _backbone_phase(run)
-    run.sampler.set_epoch(run.epoch, start=start_in_epoch * run.cfg.batch_size * run.cfg.accumulate)
+    run.sampler.set_epoch(run.epoch, start=run.step_in_epoch * run.cfg.batch_size * run.cfg.accumulate)
     run.data.train_set.set_epoch(run.epoch)
     for group in _groups(run.loader, run.cfg.accumulate):
         stats = step_fn(run, group)
@@ -949,7 +987,7 @@ def _agree_on_stopping(run: Run) -> None:
 
 def _end_epoch(run: Run) -> bool:
     """Validate at an epoch's end or a stop; True when training is over."""
-    end_of_epoch = run.step - run.epoch * run.steps_per_epoch >= run.steps_per_epoch
+    end_of_epoch = run.step_in_epoch >= run.steps_per_epoch
     if end_of_epoch:
         run.epoch += 1
     if not (end_of_epoch or run.stopping() or run.out_of_time):
@@ -962,8 +1000,7 @@ def _end_epoch(run: Run) -> bool:
             f"continue with: captioner train --resume {run.run_dir} --time-limit MINUTES")})
         return True
     if run.converged():
-        run.emit("warning", {"message": f"early stop: no {SELECTED_BY[run.data.knows_truth]} improvement in "
-                                        f"{run.stale} validations"})
+        run.emit("warning", {"message": run.early_stop_reason()})
     return run.stopping()
 
 
@@ -972,21 +1009,21 @@ def _after_step(run: Run, stats: dict[str, Any]) -> None:
     clock = run.clock
     if run.budget is not None:
         now = time.perf_counter()
-        run.budget.train_s += now - clock["tick"]
-        clock["tick"] = now
-        if run.step - clock["start_step"] in (10, 110):  # a pace window that skips the first steps' warm-up
+        run.budget.train_s += now - clock.tick
+        clock.tick = now
+        if run.step - clock.start_step in REFIT_AFTER_STEPS:
             _refit(run, now)
-    clock["window_images"] += stats.pop("images") * run.dist.world
+    clock.window_images += stats.pop("images") * run.dist.world
     if run.step % run.log_every and run.step != run.total_steps:
         return
     now = time.perf_counter()
+    seconds = max(now - clock.window_start, 1e-9)  # not 0: a window can be shorter than the clock's resolution
     progress = {"step": run.step, "total": run.total_steps, "epoch": run.epoch,
-                "lr": run.scheduler.get_last_lr()[0],
-                "images_per_s": clock["window_images"] / max(now - clock["window_t"], 1e-9)}
+                "lr": run.scheduler.get_last_lr()[0], "images_per_s": clock.window_images / seconds}
     scalars = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in stats.items()}
     progress.update({k: all_mean(v, run.dist, run.device) if k == "loss" else v for k, v in scalars.items()})
     run.emit("step", progress)
-    clock["window_images"], clock["window_t"] = 0, now
+    clock.window_images, clock.window_start = 0, now
     if run.step % TRAIN_LOG_EVERY == 0 and run.dist.main:  # the loss curve, beside the validations
         checkpoint.append_jsonl(run.run_dir / checkpoint.METRICS, {"phase": "train", **progress})
 
@@ -1001,7 +1038,7 @@ def _start_event(run: Run) -> dict[str, Any]:
 
 def finish(run: Run) -> TrainResult:
     """The result of the run, announced as the "end" event."""
-    seconds = time.perf_counter() - run.clock["t0"]
+    seconds = time.perf_counter() - run.clock.t0
     stopped = run.stop_reason()
     run.emit("end", {"run_dir": str(run.run_dir), "steps": run.step, "seconds": seconds, "stopped": stopped,
                      "best": run.best, "last": run.last})

@@ -167,7 +167,7 @@ def test_early_stop_after_validations_without_improvement(tmp_path: Path, varied
     cfg = tiny_train_config(max_steps=20, val_every=2, early_stop=2, lr=1e-12)
     result = train(cfg, tmp_path / "run", on_event=lambda kind, data: events.append((kind, data)))
     assert result.steps == 6  # validations at 2 (best), 4 and 6 (no improvement twice): stop
-    assert any(kind == "warning" and "early stop" in data["message"] for kind, data in events)
+    assert [d["message"] for k, d in events if k == "warning" and "early stop" in d["message"]] == [result.stopped]
     assert checkpoint.load_weights(tmp_path / "run" / checkpoint.LAST).train_state["finished"]
 
 
