@@ -19,6 +19,7 @@ import typer
 from captioner import __version__
 from captioner.config import (
     PRECISION_HELP,
+    DecodeSettings,
     Device,
     Format,
     ModelConfig,
@@ -148,10 +149,11 @@ def _declared_option(config: type, name: str) -> Any:
     return Annotated[kind | None, typer.Option(*flags, min=spec.low, max=spec.high, help=spec.help)]
 
 
-def _with_options(config: type, into: str) -> Callable[[F], F]:
-    """Give a command a flag for every field of `config` declared with one, in place of its parameter `into`,
-    which receives their values as one dict: each flag's help, bounds and choices are declared once, in config.py."""
-    names = [name for name, spec in declared(config).items() if spec.cli]
+def _with_options(config: type, into: str, only: tuple[str, ...] | None = None) -> Callable[[F], F]:
+    """Give a command a flag for every field of `config` declared with one (or the `only` ones), in place of its
+    parameter `into`, which receives their values as one dict (None: not given): each flag's help, bounds and
+    choices are declared once, in config.py."""
+    names = [name for name, spec in declared(config).items() if spec.cli and (only is None or name in only)]
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -336,30 +338,23 @@ def _print_result(result: Any) -> None:
 Model = Annotated[Path | None, typer.Option("--model", help="Run directory (default: newest under ./runs).")]
 Checkpoint = Annotated[Which, typer.Option(
     "--checkpoint", help="best (kept by validation) or last (the latest weights) of the run.")]
-Beam = Annotated[int, typer.Option(min=1, max=64, help="Beam size (1 = greedy).")]
-MaxLen = Annotated[int, typer.Option(min=1, max=500, help="Longest caption in tokens.")]
 InferPrecision = Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP)]
-CudaGraph = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help=(
-    "On a GPU, replay each decoding step from a CUDA graph (same captions, fewer kernel launches)."))]
+
+
+def _settings(decoding: dict[str, Any]) -> DecodeSettings:
+    """The search the decoding flags ask for; a flag not given keeps DecodeSettings' default."""
+    return DecodeSettings(**{name: value for name, value in decoding.items() if value is not None})
 
 
 @app.command()
 @user_errors
+@_with_options(DecodeSettings, "decoding")
 def caption(
     patterns: Patterns,
+    *,
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
-    beam: Beam = 1,
-    max_len: MaxLen = 30,
-    length_penalty: Annotated[float, typer.Option(min=0.0, max=5.0)] = 0.0,
-    no_repeat_ngram: Annotated[int, typer.Option(min=0, max=10)] = 0,
-    n_best: Annotated[int, typer.Option(min=1, max=64, help="Keep the N best captions of the beam per image "
-                                                            "(N <= --beam).")] = 1,
-    sample: Annotated[bool, typer.Option(help="Sample instead of searching.")] = False,
-    temperature: Annotated[float, typer.Option(min=1e-3, max=100.0)] = 1.0,
-    top_k: Annotated[int, typer.Option(min=0)] = 0,
-    top_p: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    decoding: dict[str, Any],  # a flag for each DecodeSettings field (config.py): --beam, --max-len, --sample ...
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     workers: Annotated[int | None, typer.Option(min=0, max=64, help="Processes decoding the image files "
                                                 "(default: one per spare core, none for a single batch).")] = None,
@@ -373,16 +368,12 @@ def caption(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     device: Annotated[Device, typer.Option()] = Device.auto,
     precision: InferPrecision = Precision.auto,
-    cuda_graph: CudaGraph = True,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")] = False,
 ) -> None:
     """Caption images with a trained run (greedy, beam search or sampling); torchrun shards the files."""
-    from captioner.api import DecodeSettings
     from captioner.bulk import caption_many
 
-    settings = DecodeSettings(beam=beam, max_len=max_len, length_penalty=length_penalty,
-                              no_repeat_ngram=no_repeat_ngram, sample=sample, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed, n_best=n_best, cuda_graph=cuda_graph)
+    settings = _settings(decoding)
     if skip_done and out is None:
         raise ConfigError("--skip-done needs --out (the results file to continue)")
     view = _CaptionView(json_out=json_out, table=not json_out and out is None and resume_from is None)
@@ -464,28 +455,29 @@ class _CaptionView(_BarView):
 
 @app.command()
 @user_errors
+@_with_options(DecodeSettings, "decoding", only=("beam", "max_len"))
 def attend(
     patterns: Patterns,
+    *,
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: beside each image).")] = None,
     layer: Annotated[str, typer.Option(help="Decoder layer: last, all (mean), or an index.")] = "last",
     heads: Annotated[str, typer.Option(help="mean (one map per word) or all (a panel per head).")] = "mean",
-    beam: Beam = 1,
-    max_len: MaxLen = 30,
+    decoding: dict[str, Any],  # --beam, --max-len (DecodeSettings, config.py)
     rollout: Annotated[bool, typer.Option(help="Add the ViT encoder's attention rollout.")] = True,
     device: Annotated[Device, typer.Option()] = Device.auto,
     precision: InferPrecision = Precision.auto,
 ) -> None:
     """Write per-word attention overlays: where the decoder looked while writing each word."""
-    from captioner.api import Captioner, DecodeSettings, collect_images
+    from captioner.api import Captioner, collect_images
     from captioner.attend import explain_files
     from captioner.overlay import parse_layer
 
     layer_choice = parse_layer(layer)
     if heads not in ("mean", "all"):
         raise ConfigError(f"--heads must be mean or all, got {heads!r}")
-    settings = DecodeSettings(beam=beam, max_len=max_len)
+    settings = _settings(decoding)
     paths, problems = collect_images(patterns)
     for problem in problems:
         _err(str(problem))
@@ -512,7 +504,9 @@ def attend(
 
 @app.command()
 @user_errors
+@_with_options(DecodeSettings, "decoding", only=("beam", "max_len", "cuda_graph"))
 def evaluate(
+    *,
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
     data: Annotated[str | None, typer.Option(help="Dataset (default: the one the run was trained on).")] = None,
@@ -520,8 +514,7 @@ def evaluate(
     format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
     split: Annotated[Split, typer.Option(help="Which split to decode.")] = Split.test,
     predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file instead of a model.")] = None,
-    beam: Beam = 1,
-    max_len: MaxLen = 30,
+    decoding: dict[str, Any],  # --beam, --max-len, --cuda-graph (DecodeSettings, config.py)
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images of the split.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 64,
     java: Annotated[bool | None, typer.Option("--java/--no-java",
@@ -529,14 +522,12 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Where to save the generated captions (COCO results).")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
     precision: InferPrecision = Precision.auto,
-    cuda_graph: CudaGraph = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D) on a split, or of a predictions file."""
-    from captioner.api import DecodeSettings
     from captioner.evaluation import run_evaluate
 
-    settings = DecodeSettings(beam=beam, max_len=max_len, cuda_graph=cuda_graph)
+    settings = _settings(decoding)
     result = run_evaluate(model=model, data=data, image_dir=image_dir, format=format.value, split=split.value,
                           predictions=predictions, settings=settings, limit=limit, batch_size=batch_size,
                           java=java, out=out, device=device.value, precision=precision.value,

@@ -170,6 +170,33 @@ def check_bounds(config: Any) -> None:
         check(f.name, value, spec.low, spec.high)
 
 
+@dataclass
+class DecodeSettings:
+    """How to search for captions: each option declared once (the CLI's flag, help and bounds); checked when made."""
+
+    beam: int = option(1, "Beam size (1 = greedy).", low=1, high=64)
+    max_len: int = option(30, "Longest caption in tokens.", low=1, high=500)
+    length_penalty: float = option(0.0, "Beam search ranks by log p / length**this (0: log p, 1: per word).",
+                                   low=0.0, high=5.0)
+    no_repeat_ngram: int = option(0, "Never repeat an n-gram of this size (0: allowed).", low=0, high=10)
+    sample: bool = option(False, "Sample instead of searching.")
+    temperature: float = option(1.0, "Sampling temperature (< 1 sharper, > 1 flatter).", low=1e-3, high=100.0)
+    top_k: int = option(0, "Sample among the K likeliest words only (0: all).", low=0)
+    top_p: float = option(1.0, "Sample among the likeliest words whose probability reaches P.", low=1e-6, high=1.0)
+    seed: int = option(0, "Seed of the sampling.")
+    n_best: int = option(1, "Keep the N best captions of the beam per image (N <= --beam).", low=1, high=64)
+    # Off is a way out should a driver refuse the recording: the step's kernels are then launched one by one.
+    cuda_graph: bool = option(True, "On a GPU, replay each decoding step from a CUDA graph (same captions, fewer "
+                                    "kernel launches).", flag="--cuda-graph/--no-cuda-graph")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_bounds(self)
+        if self.n_best > self.beam or (self.n_best > 1 and self.sample):
+            raise ConfigError(f"--n-best must be between 1 and --beam ({self.beam}) and needs beam search, "
+                              f"got {self.n_best}")
+
+
 MAX_PARAMETERS = 2e9  # 8 GB of float32 weights
 MAX_GRID_SIDE = 128  # ViT patches a side: 16384 regions
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from captioner.config import DecodeSettings
 from captioner.data.vocab import Vocabulary
-from captioner.errors import ConfigError
 from captioner.models.captioner import CaptionModel, Stepper
 
 # A search's choice at one step: logits (rows, V) -> (the token of each row (rows,), its log-probability (rows,)).
@@ -44,23 +45,9 @@ class Caption:
         return self.text.split()
 
 
-def check_search(*, beam: int = 1, n_best: int = 1, max_len: int = 30, no_repeat_ngram: int = 0,
-                 sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
-    """The rules a search's settings obey, in one place: ConfigError naming the option that breaks one."""
-    if not 1 <= beam <= 64:
-        raise ConfigError(f"--beam must be between 1 and 64, got {beam}")
-    if not 1 <= n_best <= beam or (n_best > 1 and sample):
-        raise ConfigError(f"--n-best must be between 1 and --beam ({beam}) and needs beam search, got {n_best}")
-    if not 1 <= max_len <= 500:
-        raise ConfigError(f"--max-len must be between 1 and 500, got {max_len}")
-    if no_repeat_ngram < 0:
-        raise ConfigError(f"--no-repeat-ngram must be >= 0, got {no_repeat_ngram}")
-    if temperature <= 0:
-        raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise ConfigError(f"--top-k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+def check_search(**values: Any) -> None:
+    """A search's settings checked by the rules `DecodeSettings` declares: ConfigError naming the one broken."""
+    DecodeSettings(**values)
 
 
 @dataclass
@@ -329,29 +316,6 @@ def _cut_at_eos(out: torch.Tensor, logprob: torch.Tensor, eos_id: int, crosses: 
 
 
 # ----------------------------------------------------------------------------- settings -> captions
-
-
-@dataclass
-class DecodeSettings:
-    """How to search for captions; validated (check_search) before any work starts."""
-
-    beam: int = 1
-    max_len: int = 30
-    length_penalty: float = 0.0
-    no_repeat_ngram: int = 0
-    sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    n_best: int = 1  # captions kept per image (beam search only): the best, then its runners-up
-    # On a GPU, replay each decoding step from a CUDA graph (fixed-size caches; the same captions). Off: the
-    # step's kernels launched one by one, a way out should a driver refuse the recording.
-    cuda_graph: bool = True
-
-    def __post_init__(self) -> None:
-        check_search(beam=self.beam, n_best=self.n_best, max_len=self.max_len, no_repeat_ngram=self.no_repeat_ngram,
-                     sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def search_options(vocab: Vocabulary, max_len: int) -> SearchOptions:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captioner import __version__
 from captioner.api import Caption, Captioner, DecodeSettings
+from captioner.config import declared
 from captioner.errors import ConfigError, ImageError, printable
 from captioner.overlay import check_layer, heatmap_overlay, parse_layer, select_maps
 from captioner.results import caption_record
@@ -177,9 +178,13 @@ def decode_settings(**options: Any) -> DecodeSettings:
 
 # ----------------------------------------------------------------------------- routes
 
-Beam = Annotated[int, Query(ge=1, le=64, description="Beam size (1 = greedy).")]
-NBest = Annotated[int, Query(ge=1, le=64, description="Captions kept per image, best first (<= beam).")]
-MaxLen = Annotated[int, Query(ge=1, le=500, description="Longest caption in tokens.")]
+def _query(name: str) -> Any:
+    """A query parameter with the bounds and help its DecodeSettings field declares (config.py), as the CLI's flag."""
+    spec = declared(DecodeSettings)[name]
+    return Annotated[int, Query(ge=spec.low, le=spec.high, description=spec.help)]
+
+
+Beam, NBest, MaxLen = _query("beam"), _query("n_best"), _query("max_len")
 IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
