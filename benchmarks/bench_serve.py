@@ -141,6 +141,12 @@ def request(port: int, method: str, path: str, body: bytes = b"", content_type: 
     return answer.status, json.loads(data) if data else {}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def memory(pid: int) -> dict[str, int]:
     """The process's resident set now and at its peak (VmRSS, VmHWM), in MiB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -271,9 +277,16 @@ def load_levels(port: int, pid: int, paths: list[Path], expected: dict[str, str]
     results = {}
     for clients in args.clients:
         jobs = [good_job(paths[i % len(paths)], expected) for i in range(max(args.requests, 8 * clients))]
-        start = time.perf_counter()
+        health = request(port, "GET", "/healthz")[1]
+        server_cpu, client_cpu, start = cpu_seconds(pid), time.process_time(), time.perf_counter()
         outcome = drive(port, jobs, clients, args.seconds, pid)
         row = summary(outcome, time.perf_counter() - start)
+        # Where the two cores went: the server's CPU (model thread and the rest) and these client threads'.
+        done, after = max(len(outcome.statuses), 1), request(port, "GET", "/healthz")[1]
+        row["server_cpu_ms_per_image"] = round((cpu_seconds(pid) - server_cpu) / done * 1e3, 2)
+        row["client_cpu_ms_per_image"] = round((time.process_time() - client_cpu) / done * 1e3, 2)
+        batches = max(after["batches"] - health["batches"], 1)
+        row["mean_batch"] = round((after["images"] - health["images"]) / batches, 1)
         row["server_peak_rss_mb"] = memory(pid)["VmHWM"]
         row["first_problems"] = outcome.problems[:3]
         results[clients] = row
