@@ -31,6 +31,7 @@ from captioner.config import (
     declared,
 )
 from captioner.errors import CaptionerError, ConfigError, printable
+from captioner.serve.settings import ServeSettings
 
 app = typer.Typer(
     name="captioner",
@@ -341,9 +342,14 @@ Checkpoint = Annotated[Which, typer.Option(
 InferPrecision = Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP)]
 
 
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    """The declared flags the user gave (a flag not given is None and keeps its field's default)."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def _settings(decoding: dict[str, Any]) -> DecodeSettings:
-    """The search the decoding flags ask for; a flag not given keeps DecodeSettings' default."""
-    return DecodeSettings(**{name: value for name, value in decoding.items() if value is not None})
+    """The search the decoding flags ask for."""
+    return DecodeSettings(**_given(decoding))
 
 
 @app.command()
@@ -504,7 +510,7 @@ def attend(
 
 @app.command()
 @user_errors
-@_with_options(DecodeSettings, "decoding", only=("beam", "max_len", "cuda_graph"))
+@_with_options(DecodeSettings, "decoding", only=("beam", "max_len", "cuda_graph", "compile"))
 def evaluate(
     *,
     model: Model = None,
@@ -514,7 +520,7 @@ def evaluate(
     format: Annotated[Format, typer.Option(help="Dataset format.")] = Format.auto,
     split: Annotated[Split, typer.Option(help="Which split to decode.")] = Split.test,
     predictions: Annotated[Path | None, typer.Option(help="Score this COCO results file instead of a model.")] = None,
-    decoding: dict[str, Any],  # --beam, --max-len, --cuda-graph (DecodeSettings, config.py)
+    decoding: dict[str, Any],  # --beam, --max-len, --cuda-graph, --compile (DecodeSettings, config.py)
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images of the split.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 64,
     java: Annotated[bool | None, typer.Option("--java/--no-java",
@@ -643,12 +649,14 @@ def _show_dataset_report(report: dict[str, Any]) -> None:
 
 @app.command()
 @user_errors
+@_with_options(ServeSettings, "limits")
+@_with_options(DecodeSettings, "decoding", only=("cuda_graph", "compile"))
 def serve(
+    *,
     model: Model = None,
     checkpoint_: Checkpoint = Which.best,
     host: Annotated[str, typer.Option(help="Address to listen on; any but loopback needs --token or --no-auth.")
                     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     token: Annotated[str | None, typer.Option(envvar="CAPTIONER_TOKEN", show_default=False, help=(
         "Bearer token every /v1 request must carry (Authorization: Bearer ...); the variable keeps it out of ps."))
     ] = None,
@@ -656,12 +664,8 @@ def serve(
                                           "a proxy that authenticates).")] = False,
     cors: Annotated[list[str] | None, typer.Option("--cors", metavar="ORIGIN", help="Let pages from ORIGIN call "
                                                    "the API (repeatable; default: none).")] = None,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, max=1024.0, help="Largest request body.")] = 20.0,
-    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Images captioned at once.")] = 32,
-    batch_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long a batch waits for "
-                                                 "requests still arriving.")] = 5.0,
-    queue_limit: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before an unanswered request gets 503.")] = 60.0,
+    limits: dict[str, Any],  # --port, --max-upload-mb, --max-batch ... (ServeSettings, serve/settings.py)
+    decoding: dict[str, Any],  # --compile, --cuda-graph for every request (DecodeSettings, config.py)
     device: Annotated[Device, typer.Option()] = Device.auto,
     precision: InferPrecision = Precision.auto,
 ) -> None:
@@ -672,11 +676,9 @@ def serve(
     if problem:
         raise ConfigError(problem)
     from captioner.serve.server import serve as run_server
-    from captioner.serve.settings import MB, ServeSettings
 
-    settings = ServeSettings(host=host, port=port, token=token, no_auth=no_auth, cors=tuple(cors or ()),
-                             max_upload_bytes=int(max_upload_mb * MB), max_batch=max_batch,
-                             batch_wait_ms=batch_wait_ms, queue_limit=queue_limit, timeout_s=timeout)
+    settings = ServeSettings(host=host, token=token, no_auth=no_auth, cors=tuple(cors or ()),
+                             decoding=_settings(decoding), **_given(limits))
     run_server(settings, model=model, which=checkpoint_.value, device=device.value, precision=precision.value)
 
 

@@ -188,6 +188,9 @@ class DecodeSettings:
     # Off is a way out should a driver refuse the recording: the step's kernels are then launched one by one.
     cuda_graph: bool = option(True, "On a GPU, replay each decoding step from a CUDA graph (same captions, fewer "
                                     "kernel launches).", flag="--cuda-graph/--no-cuda-graph")
+    # Off by default: compiling costs seconds per batch shape, which only long jobs earn back (benchmarks/NOTES.md).
+    compile: bool = option(False, "torch.compile the decoding step (fixed-size caches; the same captions): slower "
+                                  "to start, faster per step; compiled code is cached on disk for the next start.")
 
     def __post_init__(self) -> None:
         check_types(self)

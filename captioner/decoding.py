@@ -81,10 +81,12 @@ def fixed_caches_pay(device: torch.device) -> bool:
 
 
 def _steps(model: CaptionModel, memory: torch.Tensor, opts: SearchOptions, *, per_image: int = 1,
-           static: bool = False, need_weights: bool = False) -> Stepper:
-    """A search's steps: fixed-size caches when `static` (attention weights are recorded only by growing ones)."""
-    static_len = opts.max_len if static and not need_weights else None
-    return model.begin(memory, per_image=per_image, static_len=static_len)
+           static: bool = False, compiled: bool = False, need_weights: bool = False) -> Stepper:
+    """A search's steps: fixed-size caches when `static` or `compiled`, the step under torch.compile when
+    `compiled`; growing caches when attention weights are asked for (only they record them)."""
+    fixed = (static or compiled) and not need_weights
+    return model.begin(memory, per_image=per_image, static_len=opts.max_len if fixed else None,
+                       compiled=compiled and fixed)
 
 
 def _extend(steps: Stepper, opts: SearchOptions, choose: Choose, *, rows: int, device: torch.device,
@@ -111,10 +113,13 @@ def _extend(steps: Stepper, opts: SearchOptions, choose: Choose, *, rows: int, d
 
 @torch.inference_mode()
 def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
-           need_weights: bool = False, static: bool = False) -> list[Caption]:
-    """Pick the most likely token at every step. static: fixed-size caches (see `fixed_caches_pay`)."""
+           need_weights: bool = False, static: bool = False, compiled: bool = False) -> list[Caption]:
+    """Pick the most likely token at every step.
+
+    static: fixed-size caches (see `fixed_caches_pay`); compiled: those, with the step under torch.compile.
+    """
     encoded = model.encode(images)
-    steps = _steps(model, encoded.memory, opts, static=static, need_weights=need_weights)
+    steps = _steps(model, encoded.memory, opts, static=static, compiled=compiled, need_weights=need_weights)
     banned = opts.banned()
 
     def most_likely(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,21 +133,22 @@ def greedy(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *,
 @torch.inference_mode()
 def beam_search(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, beam: int = 3,
                 length_penalty: float = 0.0, no_repeat_ngram: int = 0, need_weights: bool = False,
-                n_best: int = 1, static: bool = False) -> list[Caption]:
+                n_best: int = 1, static: bool = False, compiled: bool = False) -> list[Caption]:
     """Keep the `beam` best prefixes per image; all (images x beams) rows advance as one batch.
 
     Finished hypotheses are ranked by logprob / length**length_penalty (0 = plain log-probability,
     1 = per-token average). `no_repeat_ngram` > 0 forbids repeating any n-gram of that size.
     n_best > 1 (at most `beam`) also returns each image's next best finished hypotheses, ranked, as the
     best one's `runners_up`: the search only stops once no live beam can beat the beam-th best finished
-    one, so the first `beam` of them are final. `static` as in `greedy`.
+    one, so the first `beam` of them are final. `static` and `compiled` as in `greedy`.
     """
     check_search(beam=beam, n_best=n_best, no_repeat_ngram=no_repeat_ngram)
     B, device = images.shape[0], images.device
     K = beam
     encoded = model.encode(images)
     # (B*K) rows, the beams of an image adjacent
-    steps = _steps(model, encoded.memory, opts, per_image=K, static=static, need_weights=need_weights)
+    steps = _steps(model, encoded.memory, opts, per_image=K, static=static, compiled=compiled,
+                   need_weights=need_weights)
     banned = opts.banned()
     tokens = torch.full((B * K,), opts.bos_id, dtype=torch.long, device=device)
     # Only the first beam of each image is live at the start, so the K beams do not all pick the same word.
@@ -264,14 +270,15 @@ def _ban_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
 @torch.inference_mode()
 def sample(model: CaptionModel, images: torch.Tensor, opts: SearchOptions, *, n: int = 1,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, static: bool = False) -> list[list[Caption]]:
+           generator: torch.Generator | None = None, static: bool = False,
+           compiled: bool = False) -> list[list[Caption]]:
     """Draw `n` captions per image from the (temperature, top-k, nucleus top-p) filtered distribution.
 
-    `static` as in `greedy`.
+    `static` and `compiled` as in `greedy`.
     """
     check_search(sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     B = images.shape[0]
-    steps = _steps(model, model.encode(images).memory, opts, per_image=n, static=static)  # (B*n) rows
+    steps = _steps(model, model.encode(images).memory, opts, per_image=n, static=static, compiled=compiled)
     banned = opts.banned()
 
     def draw(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,17 +336,17 @@ def decode_batch(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor,
     """The one place that turns settings into a search: sampling, greedy, or beam search over images (B, 3, S, S)."""
     settings = settings or DecodeSettings()
     opts = search_options(vocab, settings.max_len)
-    static = settings.cuda_graph and fixed_caches_pay(images.device)
+    steps = dict(static=settings.cuda_graph and fixed_caches_pay(images.device), compiled=settings.compile)
     if settings.sample:
         g = torch.Generator(device=images.device).manual_seed(settings.seed)
         captions = [c[0] for c in sample(model, images, opts, temperature=settings.temperature, top_k=settings.top_k,
-                                         top_p=settings.top_p, generator=g, static=static)]
+                                         top_p=settings.top_p, generator=g, **steps)]
     elif settings.beam == 1 and settings.no_repeat_ngram == 0:
-        captions = greedy(model, images, opts, need_weights=need_weights, static=static)
+        captions = greedy(model, images, opts, need_weights=need_weights, **steps)
     else:
         captions = beam_search(model, images, opts, beam=settings.beam, length_penalty=settings.length_penalty,
                                no_repeat_ngram=settings.no_repeat_ngram, need_weights=need_weights,
-                               n_best=settings.n_best, static=static)
+                               n_best=settings.n_best, **steps)
     for caption in captions:
         for c in (caption, *caption.runners_up):
             c.text = vocab.decode(c.tokens)

@@ -92,11 +92,13 @@ def test_flags_not_given_keep_the_defaults(asked: list[DecodeSettings]) -> None:
     assert asked == [DecodeSettings(), DecodeSettings(beam=3)]
 
 
-def test_attend_and_evaluate_take_only_their_options() -> None:
-    for command, kept in (("attend", {"--beam", "--max-len"}), ("evaluate", {"--beam", "--max-len", "--cuda-graph"})):
-        result = runner.invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
-        shown = {flag for name in FIELDS for flag in [_flag(name)[0]] if f" {flag} " in result.output}
-        assert shown == kept, command
+@pytest.mark.parametrize(("command", "kept"), [("attend", {"--beam", "--max-len"}),
+                                               ("evaluate", {"--beam", "--max-len", "--cuda-graph", "--compile"}),
+                                               ("serve", {"--cuda-graph", "--compile"})])
+def test_the_other_commands_take_only_their_options(command: str, kept: set[str]) -> None:
+    result = runner.invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
+    shown = {_flag(name)[0] for name in FIELDS if f" {_flag(name)[0]} " in result.output}
+    assert shown == kept
 
 
 def test_n_best_is_checked_against_the_beam_everywhere(asked: list[DecodeSettings]) -> None:

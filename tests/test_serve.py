@@ -195,7 +195,7 @@ def test_request_shape_refusals(client: TestClient) -> None:
 
 
 def test_too_many_files_and_the_upload_cap(captioner: Captioner) -> None:
-    with serving(captioner, max_images=2, max_upload_bytes=16384) as c:
+    with serving(captioner, max_images=2, max_upload_mb=16384 / 2**20) as c:
         files = [("image", (f"{i}.jpg", jpeg(i, (16, 16)), "image/jpeg")) for i in range(3)]
         many = c.post("/v1/caption", files=files)
         assert many.status_code == 400 and "error" in many.json()
@@ -222,7 +222,7 @@ def test_a_full_queue_answers_503_with_retry_after(captioner: Captioner) -> None
 
 
 def test_a_request_past_its_timeout_answers_503(captioner: Captioner) -> None:
-    with serving(captioner, timeout_s=1e-6) as c:
+    with serving(captioner, timeout_s=0.001) as c:
         answer = c.post("/v1/caption", content=jpeg(0), headers={"content-type": "image/jpeg"})
         assert answer.status_code == 503 and answer.json()["error"].startswith("no answer within")
 
@@ -327,12 +327,17 @@ def test_the_command_passes_its_options_and_reads_the_token_from_the_environment
     monkeypatch.setattr("captioner.serve.server.serve", lambda settings, **kw: seen.update(settings=settings, **kw))
     monkeypatch.setenv("CAPTIONER_TOKEN", TOKEN)
     result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny), "--host", "0.0.0.0", "--port", "9001",
-                                          "--cors", "https://a.example", "--max-upload-mb", "5", "--device", "cpu"])
+                                          "--cors", "https://a.example", "--max-upload-mb", "5", "--device", "cpu",
+                                          "--max-batch", "8", "--timeout", "2.5", "--compile"])
     assert result.exit_code == 0, result.output
     settings = seen["settings"]
     assert (settings.host, settings.port, settings.token, settings.cors) == ("0.0.0.0", 9001, TOKEN,
                                                                             ("https://a.example",))
     assert settings.max_upload_bytes == 5 * 2**20 and seen["model"] == tiny and seen["device"] == "cpu"
+    assert (settings.max_batch, settings.timeout_s, settings.batch_wait_ms) == (8, 2.5, 5.0)  # 5.0: the default
+    assert settings.decoding == DecodeSettings(compile=True)  # every request's search, but for its beam etc.
+    refused = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny), "--max-batch", "0"])
+    assert refused.exit_code == 2 and "--max-batch" in refused.output  # the bound ServeSettings declares
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,22 +120,22 @@ def test_capacity_one() -> None:
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on the CPU: `replay` runs the step on the recorded buffers."""
 
-    def __init__(self, decoder, state, tokens: torch.Tensor, out: torch.Tensor) -> None:
-        self.decoder, self.state, self.tokens, self.out, self.replays = decoder, state, tokens, out, 0
+    def __init__(self, run, state, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        self.run, self.state, self.tokens, self.out, self.replays = run, state, tokens, out, 0
 
     def replay(self) -> None:
-        logits, _ = self.decoder.step(self.tokens, self.state)
+        logits, _ = self.run(self.tokens, self.state)
         self.out.copy_(logits)
         self.replays += 1
 
 
-def _fake_record(decoder, state, tokens):
+def _fake_record(run, state, tokens):
     for _ in range(graphs.WARMUP_STEPS):  # as _record does: steps that leave data in the caches
-        decoder.step(tokens, state)
+        run(tokens, state)
         state.index.zero_()
-    logits, _ = decoder.step(tokens, state)  # a real recording runs nothing; this one leaves traces
+    logits, _ = run(tokens, state)  # a real recording runs nothing; this one leaves traces
     out = logits.clone()
-    return FakeGraph(decoder, state, tokens, out), out
+    return FakeGraph(run, state, tokens, out), out
 
 
 def test_recorded_steps_replay_into_the_same_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,8 +148,8 @@ def test_recorded_steps_replay_into_the_same_buffers(monkeypatch: pytest.MonkeyP
     model.step_graphs = steps
     growing = model.begin
 
-    def begin(memory: torch.Tensor, per_image: int = 1, static_len: int | None = None):  # recording on the CPU
-        if static_len is None:
+    def begin(memory: torch.Tensor, per_image: int = 1, static_len: int | None = None, compiled: bool = False):
+        if static_len is None:  # recording on the CPU
             return growing(memory, per_image=per_image)
         return steps.stepper(model.decoder, memory, per_image=per_image, capacity=static_len, record=True)
 
@@ -235,3 +235,31 @@ def test_recording_under_autocast_keeps_autocast_but_not_its_cast_cache() -> Non
         assert not torch.is_autocast_cache_enabled()  # a recording must cast the weights itself, every replay
     with graphs._no_cast_cache(cpu):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_compiled_steps_give_the_growing_caches_captions() -> None:
+    """The fixed-size step under torch.compile: the same tokens as the eager growing caches, compiled once per shape."""
+    model, images = _model(), _images(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile would fall back silently to eager: make it fail here
+        _same(greedy(model, images, OPTS, compiled=True), greedy(model, images, OPTS, static=False))
+        _same(beam_search(model, images, OPTS, beam=2, compiled=True),
+              beam_search(model, images, OPTS, beam=2, static=False))
+        again = _images(3, seed=5)
+        _same(greedy(model, again, OPTS, compiled=True), greedy(model, again, OPTS, static=False))
+    assert [s.run is model.step_graphs._compiled for s in model.step_graphs._kept.values()] == [True, True]
+
+
+def test_a_failed_compile_decodes_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(fn, **kw):
+        def compiled(*args):
+            raise RuntimeError("no working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    model, images = _model(), _images(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _same(greedy(model, images, OPTS, compiled=True), greedy(model, images, OPTS, static=False))
+    assert "without torch.compile" in str(caught[0].message) and "C++ compiler" in str(caught[0].message)
+    assert all(s.run == model.decoder.step for s in model.step_graphs._kept.values())

@@ -191,10 +191,10 @@ class TransformerDecoder(nn.Module):
             x, weights = layer(x, memory, mask=mask, self_cache=self_cache, cross_cache=cross_cache,
                                need_weights=need_weights)
             crosses.append(weights)
-        if state is not None:
+        if state is not None and state.index is None:
             state.position += T
-            if state.index is not None:
-                state.index += T  # in place: a captured step advances its own position
+        elif state is not None:  # static: on the device, in place, so a recorded or compiled step has no Python side
+            state.index += T  # effect; the Stepper keeps state.position
         logits = self.head(self.norm(x))  # (B, T, V)
         return logits, (torch.stack(crosses) if need_weights else None)  # (L, B, H, T, N)
 

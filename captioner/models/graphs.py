@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -23,6 +24,8 @@ from captioner.models.decoder import DecoderState, TransformerDecoder
 
 WARMUP_STEPS = 2  # steps run before recording, on a side stream: cuBLAS and friends set up lazily
 KEPT = 4  # recorded shapes kept per model; each holds its caches and the images' keys/values
+# A static state's step: tokens (rows,), state -> (logits (rows, V), None); the state advances in place.
+StepFn = Callable[[torch.Tensor, DecoderState], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class Stepper:
@@ -34,10 +37,12 @@ class Stepper:
     """
 
     def __init__(self, decoder: TransformerDecoder, state: DecoderState, *, tokens: torch.Tensor | None = None,
-                 graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None) -> None:
+                 graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None,
+                 run: StepFn | None = None) -> None:
         self.decoder, self.state = decoder, state
         self.tokens = tokens  # static states: the step's input buffer (rows,)
         self.graph, self.logits = graph, logits  # the recorded step and the memory it writes its logits to
+        self.run = run or decoder.step  # a static state's step: eager, or under torch.compile
 
     def step(self, tokens: torch.Tensor, *,
              need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,10 +54,12 @@ class Stepper:
         assert not need_weights, "static steps return no attention weights: decode with growing caches"
         self.tokens.copy_(tokens)
         if self.graph is None:
-            return self.decoder.step(self.tokens, self.state)
-        self.graph.replay()  # advances state.index on the device; the Python-side count follows here
-        self.state.position += 1
-        return self.logits, None
+            logits, _ = self.run(self.tokens, self.state)
+        else:
+            self.graph.replay()
+            logits = self.logits
+        self.state.position += 1  # the step advanced state.index on the device; the Python-side count follows
+        return logits, None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Continue row r from row index[r] (beam search's pruning)."""
@@ -69,6 +76,7 @@ class StepGraphs:
 
     def __init__(self) -> None:
         self._kept: OrderedDict[tuple, Stepper] = OrderedDict()
+        self._compiled: StepFn | None = None  # the decoder's step under torch.compile, made on first use
 
     def __deepcopy__(self, memo: dict) -> StepGraphs:
         return StepGraphs()  # recordings point at the original's memory
@@ -77,12 +85,15 @@ class StepGraphs:
         self._kept.clear()
 
     def stepper(self, decoder: TransformerDecoder, memory: torch.Tensor, *, per_image: int, capacity: int,
-                record: bool) -> Stepper:
-        """A static stepper for memory (B, N, D) at position 0, recorded as a CUDA graph when `record`."""
-        key = _key(decoder, memory, per_image, capacity, record)
+                record: bool, compiled: bool = False) -> Stepper:
+        """A static stepper for memory (B, N, D) at position 0, recorded as a CUDA graph when `record`, its step
+        under torch.compile when `compiled` (compiled once per shape; the compiled code is cached on disk)."""
+        key = _key(decoder, memory, per_image, capacity, record, compiled)
         kept = self._kept.get(key)
         if kept is None:
-            kept = _new(decoder, memory, per_image, capacity, record)
+            if compiled and self._compiled is None:
+                self._compiled = torch.compile(decoder.step, dynamic=False)  # shapes are fixed per state
+            kept = _new(decoder, memory, per_image, capacity, record, self._compiled if compiled else decoder.step)
             self._kept[key] = kept
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
@@ -92,27 +103,41 @@ class StepGraphs:
         return kept
 
 
-def _key(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool) -> tuple:
+def _key(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool,
+         compiled: bool) -> tuple:
     autocast = (torch.is_autocast_enabled(memory.device.type), torch.get_autocast_dtype(memory.device.type)) \
         if memory.device.type in ("cuda", "cpu") else None
     addresses = tuple(p.data_ptr() for p in decoder.parameters())
-    return (tuple(memory.shape), memory.dtype, memory.device, per_image, capacity, record, autocast,
+    return (tuple(memory.shape), memory.dtype, memory.device, per_image, capacity, record, compiled, autocast,
             addresses, decoder.position_table(capacity, memory).data_ptr())
 
 
-def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int,
-         record: bool) -> Stepper:
+def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool,
+         run: StepFn) -> Stepper:
     state = decoder.start(memory, per_image=per_image, capacity=capacity)
     tokens = torch.zeros(state.batch_size, dtype=torch.long, device=memory.device)
-    if not record:
-        return Stepper(decoder, state, tokens=tokens)
+    if run is not decoder.step:
+        run = _compile_now(run, decoder, state, tokens)
+    graph = logits = None
+    if record:
+        try:
+            graph, logits = _record(run, state, tokens)
+        except RuntimeError as e:  # an op this torch or driver cannot record: the same step, launched op by op
+            warnings.warn(f"decoding without a CUDA graph: recording the step failed ({e})", stacklevel=3)
+    _restart(decoder, state, memory)  # warm-up steps wrote into the caches and moved the position
+    return Stepper(decoder, state, tokens=tokens, graph=graph, logits=logits, run=run)
+
+
+def _compile_now(compiled: StepFn, decoder: TransformerDecoder, state: DecoderState, tokens: torch.Tensor) -> StepFn:
+    """Run the compiled step once, so it compiles here (not inside a search); the eager step if it cannot."""
     try:
-        graph, logits = _record(decoder, state, tokens)
-    except RuntimeError as e:  # an op this torch or driver cannot record: the same step, launched op by op
-        warnings.warn(f"decoding without a CUDA graph: recording the step failed ({e})", stacklevel=3)
-        graph = logits = None
-    _restart(decoder, state, memory)  # the warm-up steps wrote into the caches and moved the position
-    return Stepper(decoder, state, tokens=tokens, graph=graph, logits=logits)
+        compiled(tokens, state)
+        state.index.zero_()
+        return compiled
+    except Exception as e:  # noqa: BLE001 (no C++ compiler, an op the compiler refuses: the same step, eager)
+        warnings.warn(f"decoding without torch.compile: compiling the step failed ({type(e).__name__}: {e})",
+                      stacklevel=4)
+        return decoder.step
 
 
 def _restart(decoder: TransformerDecoder, state: DecoderState, memory: torch.Tensor) -> None:
@@ -127,20 +152,19 @@ def _restart(decoder: TransformerDecoder, state: DecoderState, memory: torch.Ten
     state.position = 0
 
 
-def _record(decoder: TransformerDecoder, state: DecoderState,
-            tokens: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def _record(run: StepFn, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Record one step of `state` on `tokens` (the buffer later steps copy into); returns the graph and its logits."""
     with _no_cast_cache(tokens.device):
         side = torch.cuda.Stream(device=tokens.device)
         side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                decoder.step(tokens, state)
+                run(tokens, state)
                 state.index.zero_()  # stay inside the capacity, however small
         torch.cuda.current_stream(tokens.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits, _ = decoder.step(tokens, state)
+            logits, _ = run(tokens, state)
     return graph, logits
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 from collections.abc import Callable, Coroutine, Iterator
@@ -168,10 +169,11 @@ def require_token(request: Request) -> None:
                       {"WWW-Authenticate": "Bearer"})
 
 
-def decode_settings(**options: Any) -> DecodeSettings:
-    """DecodeSettings from query parameters; the CLI's message, as a 422, when they do not fit together."""
+def decode_settings(base: DecodeSettings, **options: Any) -> DecodeSettings:
+    """The server's DecodeSettings with a request's query parameters; the CLI's message, as a 422, when they do not
+    fit together."""
     try:
-        return DecodeSettings(**options)
+        return dataclasses.replace(base, **options)
     except ConfigError as err:
         raise Refusal(422, str(err)) from None
 
@@ -197,7 +199,7 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 async def caption(request: Request, beam: Beam = 1, n_best: NBest = 1, max_len: MaxLen = 30) -> dict[str, Any]:
     """Caption one or several images: per image the caption, its score and log-probability, the n-best list."""
     service = service_of(request)
-    settings = decode_settings(beam=beam, n_best=n_best, max_len=max_len)
+    settings = decode_settings(service.settings.decoding, beam=beam, n_best=n_best, max_len=max_len)
     uploads = await read_uploads(request, service.settings.max_images)
     with service.admit(len(uploads)) as admission:
         captions = await service.within_timeout(_caption(service, admission, uploads, settings))
@@ -218,7 +220,7 @@ async def attend(request: Request, beam: Beam = 1, n_best: NBest = 1, max_len: M
                  ) -> dict[str, Any]:
     """Caption images with each word's cross-attention map over the encoder grid, as `captioner attend` draws it."""
     service = service_of(request)
-    settings = decode_settings(beam=beam, n_best=n_best, max_len=max_len)
+    settings = decode_settings(service.settings.decoding, beam=beam, n_best=n_best, max_len=max_len)
     try:
         chosen = parse_layer(layer)
         check_layer(chosen, service.captioner.model.config.n_layers)
