@@ -3,7 +3,8 @@
 #   benchmarks/bench_peers.py --size both --device cuda: our captioner against transformers'
 #   VisionEncoderDecoderModel at the matched and the realistic (ViT-B/16 + 6-layer decoder) sizes;
 #   decoding with the static KV cache replayed from a CUDA graph (static=True) and with the growing cache
-#   (static=False); fp32, bf16 on both sides, and default vs default; training images/s at batch 32.
+#   (static=False); fp32, bf16 on both sides, and default vs default; training images/s at batch 32;
+#   benchmarks/bench_compile.py --device cuda: torch.compile's steady speed-up and compile time (cold, warm).
 # Writes $OUT_DIR/gpu_bench.json (gpu_bench.md: its tables for the README); prints what ran and the ratios.
 # Usage: bash benchmarks/gpu_bench.sh [OUT_DIR]       (default: ${OUT:-/tmp/gpu_bench})
 #   QUICK=1  one timed run per row (a smoke run of the script, not figures)
@@ -33,6 +34,11 @@ start=$(date +%s)
 if ! $py "$here/bench_peers.py" "${args[@]}" > "$out/gpu_bench.log" 2> >(tee "$out/gpu_bench.err" >&2); then
   echo "FAILED: bench_peers.py (see $out/gpu_bench.err)"
   exit 1
+fi
+echo "== python benchmarks/bench_compile.py --device $device: does torch.compile pay, compile time included?"
+if [ -z "${QUICK:-}" ] && ! $py "$here/bench_compile.py" --device "$device" --out "$out/compile.json" > /dev/null \
+    2> >(grep -v "^W[0-9]" | tee "$out/compile.err" >&2); then
+  echo "FAILED: bench_compile.py (see $out/compile.err)"
 fi
 echo "== done in $(( $(date +%s) - start )) s: $out/gpu_bench.json; the README's tables:"
 $py "$here/bench_peers.py" --markdown "$out/gpu_bench.json" | tee "$out/gpu_bench.md"
