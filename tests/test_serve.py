@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from captioner.errors import ConfigError, ImageError  # noqa: E402
 from captioner.serve import missing_extra  # noqa: E402
 from captioner.serve.app import create_app  # noqa: E402
 from captioner.serve.batcher import Batcher  # noqa: E402
+from captioner.serve.runner import ModelProcess, ModelProcessError, ModelSpec  # noqa: E402
 from captioner.serve.settings import ServeSettings  # noqa: E402
 
 from .test_reliability import save_tiny_run  # noqa: E402
@@ -46,9 +49,11 @@ def captioner(tiny: Path) -> Captioner:
     return Captioner.load(tiny, device="cpu", precision="fp32")
 
 
-@pytest.fixture(scope="module")
-def client(captioner: Captioner):
-    with TestClient(create_app(captioner, ServeSettings())) as c:
+@pytest.fixture(scope="module", params=["in-process", "model-process"])
+def client(request: pytest.FixtureRequest, captioner: Captioner, tiny: Path):
+    """A client of the app with default settings, captioning here or (as `captioner serve` does) in a child."""
+    spec = ModelSpec(tiny, device="cpu", precision="fp32") if request.param == "model-process" else None
+    with TestClient(create_app(captioner, ServeSettings(), spec)) as c:
         yield c
 
 
@@ -347,3 +352,39 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr("captioner.serve.missing_extra", lambda: "captioner serve needs the serve extra: x")
     result = CliRunner().invoke(cli_app, ["serve"])
     assert result.exit_code == 1 and "needs the serve extra" in result.output
+
+
+# ----------------------------------------------------------------------------- the model process
+
+
+def test_a_killed_model_process_answers_503_then_a_new_one_serves(captioner: Captioner, tiny: Path) -> None:
+    spec = ModelSpec(tiny, device="cpu", precision="fp32")
+    files = [("image", ("a.jpg", jpeg(1), "image/jpeg"))]
+    with TestClient(create_app(captioner, ServeSettings(), spec)) as c:
+        first = c.post("/v1/caption", files=files).json()["results"][0]["caption"]
+        runner = c.app.state.service.runner
+        os.kill(runner._process.pid, signal.SIGKILL)  # out of memory, or a stray kill
+        runner._process.join(10)
+        dead = c.post("/v1/caption", files=files)
+        assert dead.status_code == 503 and dead.headers["retry-after"] == "1"
+        assert "model process stopped (exit code -9)" in dead.json()["error"]
+        assert c.post("/v1/caption", files=files).json()["results"][0]["caption"] == first
+    assert not runner._process.is_alive()  # shutdown stopped the new child too
+
+
+def test_a_model_process_that_cannot_load_says_why(tmp_path: Path) -> None:
+    with pytest.raises(ModelProcessError, match=f"could not load {tmp_path}"):
+        ModelProcess(ModelSpec(tmp_path, device="cpu", precision="fp32"))
+
+
+def test_the_command_captions_in_a_model_process_unless_told_otherwise(
+        tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr("captioner.serve.server.uvicorn.Server.run", lambda server: seen.append(server.config.app))
+    for flags, in_child in (([], True), (["--in-process"], False)):
+        result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny), "--device", "cpu", *flags])
+        assert result.exit_code == 0, result.output
+        service = seen[-1].state.service
+        assert (service.model is not None) == in_child and service.settings.model_process == in_child
+        assert str(next(service.captioner.model.parameters()).device) == "cpu"
+

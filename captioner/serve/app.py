@@ -37,6 +37,7 @@ from captioner.errors import ConfigError, ImageError, printable
 from captioner.overlay import check_layer, heatmap_overlay, parse_layer, select_maps
 from captioner.results import caption_record
 from captioner.serve.batcher import Admission, Batcher, QueueFull, ShuttingDown
+from captioner.serve.runner import ModelProcess, ModelProcessError, ModelSpec
 from captioner.serve.settings import MB, ServeSettings
 from captioner.serve.uploads import Upload, UploadReader, private_folder, upload_name
 
@@ -64,15 +65,19 @@ class Refusal(Exception):
 class Service:
     """What the routes share: the model, the settings, and (while running) the batcher and the threads."""
 
-    def __init__(self, captioner: Captioner, settings: ServeSettings) -> None:
-        self.captioner = captioner
+    def __init__(self, captioner: Captioner, settings: ServeSettings, model: ModelSpec | None) -> None:
+        self.captioner = captioner  # opens images, knows the vocabulary; captions too unless `model` is given
         self.settings = settings
+        self.model = model
         self.info = model_info(captioner)
 
     def start(self) -> None:
-        """Start the batcher and the threads that open images (inside the running event loop)."""
+        """Start the model process (if any), the batcher and the threads that open images (in the event loop)."""
         s = self.settings
-        self.batcher = Batcher(self.captioner, max_batch=s.max_batch, wait_s=s.batch_wait_ms / 1000,
+        self.runner: Captioner | ModelProcess = self.captioner if self.model is None else ModelProcess(self.model)
+        if self.model is not None:
+            self.info.update(self.runner.info)  # the device and dtype the model runs in, in its process
+        self.batcher = Batcher(self.runner, max_batch=s.max_batch, wait_s=s.batch_wait_ms / 1000,
                                queue_limit=s.queue_limit)
         self.batcher.start()
         self.folder = private_folder()
@@ -82,6 +87,8 @@ class Service:
     async def stop(self) -> None:
         """Stop once the server has answered its in-flight requests."""
         await self.batcher.stop()
+        if isinstance(self.runner, ModelProcess):
+            self.runner.close()
         self.threads.shutdown(wait=True)
         self.folder.cleanup()
 
@@ -273,11 +280,14 @@ async def model(request: Request) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(captioner: Captioner, settings: ServeSettings) -> FastAPI:
-    """The application serving one model: the page at /, the API under /v1, /healthz, OpenAPI docs at /docs."""
+def create_app(captioner: Captioner, settings: ServeSettings, model: ModelSpec | None = None) -> FastAPI:
+    """The application serving one model: the page at /, the API under /v1, /healthz, OpenAPI docs at /docs.
+
+    model: caption in a process of its own that loads this run (runner.py); None: with `captioner`, here.
+    """
     app = FastAPI(title="captioner", version=__version__, lifespan=_lifespan,
                   description="Caption images, and see where the model looked for each word.")
-    app.state.service = Service(captioner, settings)
+    app.state.service = Service(captioner, settings, model)
     app.include_router(api)
     app.add_api_route("/", _page, include_in_schema=False)
     app.add_api_route("/healthz", _health, methods=["GET"])
@@ -347,6 +357,11 @@ async def _image_error(request: Request, err: ImageError) -> JSONResponse:
 @_handles(ShuttingDown)
 async def _shutting_down(request: Request, err: ShuttingDown) -> JSONResponse:
     return _error(503, "the server is shutting down", RETRY_AFTER)
+
+
+@_handles(ModelProcessError)
+async def _model_process(request: Request, err: ModelProcessError) -> JSONResponse:
+    return _error(503, str(err), RETRY_AFTER)  # a new model process is starting: the next try is served
 
 
 @_handles(RequestValidationError)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from captioner.api import Caption, Captioner, DecodeSettings
+from captioner.serve.runner import ModelProcess
 
 
 class QueueFull(Exception):
@@ -53,8 +54,8 @@ class Job:
 class Batcher:
     """Gathers jobs from many requests into batches for one model thread."""
 
-    def __init__(self, captioner: Captioner, *, max_batch: int, wait_s: float, queue_limit: int) -> None:
-        self.captioner = captioner
+    def __init__(self, model: Captioner | ModelProcess, *, max_batch: int, wait_s: float, queue_limit: int) -> None:
+        self.model = model  # what captions a batch: the Captioner here, or the model's own process
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.queue_limit = queue_limit
@@ -152,7 +153,7 @@ class Batcher:
             first = jobs[indices[0]]
             try:
                 batch = torch.stack([jobs[i].image for i in indices])  # (B, 3, S, S)
-                captions = self.captioner.caption_tensor(batch, first.settings, need_weights=first.need_weights)
+                captions = self.model.caption_tensor(batch, first.settings, need_weights=first.need_weights)
             except Exception as err:  # noqa: BLE001 (a failed group answers its own requests, not the server)
                 captions = [err] * len(indices)
             for i, caption in zip(indices, captions, strict=True):

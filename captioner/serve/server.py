@@ -13,7 +13,9 @@ import torch
 import uvicorn
 
 from captioner.api import Captioner
+from captioner.runtime import resolve_device
 from captioner.serve.app import create_app
+from captioner.serve.runner import ModelSpec
 from captioner.serve.settings import ServeSettings
 
 
@@ -25,10 +27,20 @@ def warm_up(captioner: Captioner) -> None:
 
 def serve(settings: ServeSettings, *, model: str | Path | None = None, which: str = "best", device: str = "auto",
           precision: str = "auto") -> None:
-    """Load a run (default: the newest under ./runs) and serve it until SIGINT or SIGTERM."""
-    captioner = Captioner.load(model, which=which, device=device, precision=precision)
-    warm_up(captioner)
-    config = uvicorn.Config(create_app(captioner, settings), host=settings.host, port=settings.port,
+    """Load a run (default: the newest under ./runs) and serve it until SIGINT or SIGTERM.
+
+    With `settings.model_process` the model captions in a child process that loads the run on `device`;
+    this process keeps a CPU copy to open images and describe the model.
+    """
+    resolve_device(device)  # a device that is not there: one line now, not a failed child later
+    if settings.model_process:
+        captioner = Captioner.load(model, which=which, device="cpu", precision="fp32")
+        spec = ModelSpec(captioner.run.run_dir, which=captioner.run.which, device=device, precision=precision,
+                         threads=torch.get_num_threads())
+    else:
+        captioner, spec = Captioner.load(model, which=which, device=device, precision=precision), None
+        warm_up(captioner)
+    config = uvicorn.Config(create_app(captioner, settings, spec), host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=int(settings.timeout_s) + 1, server_header=False,
                             log_level="info")
     # uvicorn re-raises Ctrl-C once it has shut down; for a server that is the way to stop, not an error

@@ -33,6 +33,10 @@ class ServeSettings:
                               flag="--timeout")
     decode_threads: int = option(4, "Threads opening uploads (Pillow releases the GIL while it decodes).",
                                  low=1, high=64)
+    # The event loop's Python and the model's share one GIL in one process, and under load the model waits on it.
+    model_process: bool = option(True, "Caption in a process of its own, so the model never waits on the web "
+                                       "server for Python's lock (--in-process: one process).",
+                                 flag="--model-process/--in-process")
     decoding: DecodeSettings = field(default_factory=DecodeSettings)  # each request's search, but for its beam etc.
 
     def __post_init__(self) -> None:
