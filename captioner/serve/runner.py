@@ -77,8 +77,8 @@ class ModelProcess:
             self._start()
             raise ModelProcessError(f"the model process stopped (exit code {code}) while captioning; "
                                     "a new one has started") from err
-        if kind == "error":
-            raise ModelProcessError(f"captioning failed in the model process: {value}")
+        if kind == "error":  # the batch itself failed, as it would have here: an internal error, not a restart
+            raise RuntimeError(f"captioning failed in the model process: {value}")
         return value
 
     def _receive(self) -> tuple[str, Any]:
