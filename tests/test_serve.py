@@ -372,6 +372,14 @@ def test_a_killed_model_process_answers_503_then_a_new_one_serves(captioner: Cap
     assert not runner._process.is_alive()  # shutdown stopped the new child too
 
 
+def test_the_model_process_ends_with_its_server(tiny: Path) -> None:
+    """A server killed outright (SIGKILL, out of memory) leaves no model process behind: its pipe end closes."""
+    runner = ModelProcess(ModelSpec(tiny, device="cpu", precision="fp32"))
+    runner._conn.close()  # what the kernel does to a killed server's end of the pipe
+    runner._process.join(10)
+    assert runner._process.exitcode == 0
+
+
 def test_a_model_process_that_cannot_load_says_why(tmp_path: Path) -> None:
     with pytest.raises(ModelProcessError, match=f"could not load {tmp_path}"):
         ModelProcess(ModelSpec(tmp_path, device="cpu", precision="fp32"))

@@ -75,7 +75,8 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, int]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--model", str(run), "--port", str(port),
                                 "--device", "cpu", "--precision", "fp32"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                               start_new_session=True)  # its own process group, as a terminal's foreground job
     try:
         wait_ready(process, port)
         yield process, port
@@ -109,3 +110,32 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(server: tuple[subproc
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
     log = process.stderr.read().decode()
     assert "Traceback" not in log and "Finished server process" in log
+
+
+def test_ctrl_c_stops_the_server_and_its_model_process(server: tuple[subprocess.Popen, int]) -> None:
+    """Ctrl-C reaches the whole foreground group: the model process waits for the server to stop it."""
+    process, port = server
+    spawned = children(process.pid)  # the model process, and multiprocessing's resource tracker
+    assert any("spawn_main" in Path(f"/proc/{pid}/cmdline").read_text() for pid in spawned)
+    assert get(port, "/v1/caption")[0] == 405  # up and answering
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=30) in (0, -signal.SIGINT)
+    log = process.stderr.read().decode()
+    assert "Traceback" not in log and "Finished server process" in log
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in spawned) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in spawned)  # no orphan left behind
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The process's child processes (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()]
