@@ -231,7 +231,8 @@ def peer_dtype(precision: str) -> torch.dtype:
 
 
 def our_variants(device: torch.device, case: str) -> dict[str, bool | None]:
-    """Our decoding rows of one case: row name -> the `static` argument (None: the library's own choice)."""
+    """Our decoding rows of one case: row name -> the `static` argument (None: the call without it, which is
+    the growing cache, what the CPU uses by default)."""
     if device.type == "cuda":  # the static cache's CUDA graph against the growing cache, in every case
         return {"ours_static": True, "ours_dynamic": False}
     if case == "b1_greedy":  # on the CPU the static path runs eagerly; batch 1 is where per-step costs show

@@ -150,7 +150,8 @@ def _declared_option(config: type, name: str) -> Any:
     return Annotated[kind | None, typer.Option(*flags, min=spec.low, max=spec.high, help=spec.help)]
 
 
-def _with_options(config: type, into: str, only: tuple[str, ...] | None = None) -> Callable[[F], F]:
+def _with_options(config: type, into: str, only: tuple[str, ...] | None = None,
+                  show_defaults: bool = False) -> Callable[[F], F]:
     """Give a command a flag for every field of `config` declared with one (or the `only` ones), in place of its
     parameter `into`, which receives their values as one dict (None: not given): each flag's help, bounds and
     choices are declared once, in config.py."""
@@ -162,7 +163,10 @@ def _with_options(config: type, into: str, only: tuple[str, ...] | None = None) 
             return fn(**{into: {name: kwargs.pop(name) for name in names}}, **kwargs)
 
         signature = inspect.signature(fn, eval_str=True)
-        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+        # show_defaults: the field's default as the flag's (--help shows it); else None, "not given", for
+        # training, whose defaults depend on the data and a resumed run.
+        defaults = {f.name: f.default for f in dataclasses.fields(config)} if show_defaults else {}
+        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(name),
                                    annotation=_declared_option(config, name)) for name in names]
         parameters = [q for p in signature.parameters.values() for q in (flags if p.name == into else [p])]
         wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
@@ -354,7 +358,7 @@ def _settings(decoding: dict[str, Any]) -> DecodeSettings:
 
 @app.command()
 @user_errors
-@_with_options(DecodeSettings, "decoding")
+@_with_options(DecodeSettings, "decoding", show_defaults=True)
 def caption(
     patterns: Patterns,
     *,
@@ -461,7 +465,7 @@ class _CaptionView(_BarView):
 
 @app.command()
 @user_errors
-@_with_options(DecodeSettings, "decoding", only=("beam", "max_len"))
+@_with_options(DecodeSettings, "decoding", only=("beam", "max_len"), show_defaults=True)
 def attend(
     patterns: Patterns,
     *,
@@ -510,7 +514,7 @@ def attend(
 
 @app.command()
 @user_errors
-@_with_options(DecodeSettings, "decoding", only=("beam", "max_len", "cuda_graph", "compile"))
+@_with_options(DecodeSettings, "decoding", only=("beam", "max_len", "cuda_graph", "compile"), show_defaults=True)
 def evaluate(
     *,
     model: Model = None,
@@ -649,8 +653,8 @@ def _show_dataset_report(report: dict[str, Any]) -> None:
 
 @app.command()
 @user_errors
-@_with_options(ServeSettings, "limits")
-@_with_options(DecodeSettings, "decoding", only=("cuda_graph", "compile"))
+@_with_options(ServeSettings, "limits", show_defaults=True)
+@_with_options(DecodeSettings, "decoding", only=("cuda_graph", "compile"), show_defaults=True)
 def serve(
     *,
     model: Model = None,

@@ -189,8 +189,9 @@ class DecodeSettings:
     cuda_graph: bool = option(True, "On a GPU, replay each decoding step from a CUDA graph (same captions, fewer "
                                     "kernel launches).", flag="--cuda-graph/--no-cuda-graph")
     # Off by default: compiling costs seconds per batch shape, which only long jobs earn back (benchmarks/NOTES.md).
-    compile: bool = option(False, "torch.compile the decoding step (fixed-size caches; the same captions): slower "
-                                  "to start, faster per step; compiled code is cached on disk for the next start.")
+    compile: bool = option(False, "torch.compile the decoding step (fixed-size caches; the same captions): seconds "
+                                  "to compile each batch shape (cached on disk), then faster or not by device and "
+                                  "batch size (benchmarks/bench_compile.py).")
 
     def __post_init__(self) -> None:
         check_types(self)

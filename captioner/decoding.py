@@ -82,11 +82,11 @@ def fixed_caches_pay(device: torch.device) -> bool:
 
 def _steps(model: CaptionModel, memory: torch.Tensor, opts: SearchOptions, *, per_image: int = 1,
            static: bool = False, compiled: bool = False, need_weights: bool = False) -> Stepper:
-    """A search's steps: fixed-size caches when `static` or `compiled`, the step under torch.compile when
-    `compiled`; growing caches when attention weights are asked for (only they record them)."""
+    """A search's steps: fixed-size caches when `static` (replayed from a CUDA graph on a GPU) or `compiled`
+    (the step under torch.compile); growing caches when attention weights are asked for (only they record them)."""
     fixed = (static or compiled) and not need_weights
     return model.begin(memory, per_image=per_image, static_len=opts.max_len if fixed else None,
-                       compiled=compiled and fixed)
+                       record=fixed and static and memory.device.type == "cuda", compiled=fixed and compiled)
 
 
 def _extend(steps: Stepper, opts: SearchOptions, choose: Choose, *, rows: int, device: torch.device,

@@ -54,7 +54,7 @@ def _outside(name: str) -> list[Any]:
         return []
     if kind == "int":
         return [spec.low - 1] + ([spec.high + 1] if spec.high is not None else [])
-    return [math.nextafter(spec.low, -math.inf), math.nextafter(spec.high, math.inf)]
+    return [math.nextafter(spec.low, -math.inf)] + ([math.nextafter(spec.high, math.inf)] if spec.high else [])
 
 
 def _args(name: str, value: Any) -> list[str]:
@@ -108,12 +108,37 @@ def test_n_best_is_checked_against_the_beam_everywhere(asked: list[DecodeSetting
         check_search(beam=2, n_best=3)
 
 
-def test_serve_bounds_its_query_parameters_as_declared() -> None:
+@pytest.mark.parametrize("name", ["beam", "n_best", "max_len"])
+def test_serve_takes_its_query_parameters_at_the_declared_bounds(name: str, tmp_path_factory) -> None:
+    """The HTTP API refuses the value past each bound (422, naming it) and captions at the bound itself."""
     pytest.importorskip("fastapi")
-    from captioner.serve import app
+    from fastapi.testclient import TestClient
 
-    for alias, name in ((app.Beam, "beam"), (app.NBest, "n_best"), (app.MaxLen, "max_len")):
-        query = alias.__metadata__[0]
-        bounds = {type(m).__name__: m for m in query.metadata}
-        spec = declared(DecodeSettings)[name]
-        assert (bounds["Ge"].ge, bounds["Le"].le, query.description) == (spec.low, spec.high, spec.help)
+    from captioner.api import Captioner
+    from captioner.serve.app import create_app
+    from captioner.serve.settings import ServeSettings
+
+    from .test_reliability import save_tiny_run
+
+    captioner = Captioner.load(save_tiny_run(tmp_path_factory.mktemp("bounds") / "run"), device="cpu",
+                               precision="fp32")
+    spec = declared(DecodeSettings)[name]
+    image = [("image", ("a.png", _png(), "image/png"))]
+    beam = {"beam": int(spec.high)} if name == "n_best" else {}  # n_best may not exceed the beam
+    with TestClient(create_app(captioner, ServeSettings())) as client:
+        for value, status in ((spec.low - 1, 422), (spec.high + 1, 422), (spec.high, 200)):
+            answer = client.post("/v1/caption", files=image, params={**beam, name: int(value), "max_len": 2}
+                                 if name != "max_len" else {name: int(value)})
+            assert answer.status_code == status, (value, answer.text)
+            if status == 422:
+                assert answer.json()["error"].startswith(f"{name}: Input should be")
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()

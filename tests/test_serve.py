@@ -52,9 +52,13 @@ def captioner(tiny: Path) -> Captioner:
 @pytest.fixture(scope="module", params=["in-process", "model-process"])
 def client(request: pytest.FixtureRequest, captioner: Captioner, tiny: Path):
     """A client of the app with default settings, captioning here or (as `captioner serve` does) in a child."""
-    spec = ModelSpec(tiny, device="cpu", precision="fp32") if request.param == "model-process" else None
-    with TestClient(create_app(captioner, ServeSettings(), spec)) as c:
-        yield c
+    child = ModelProcess(ModelSpec(tiny, device="cpu", precision="fp32")) if request.param == "model-process" else None
+    try:
+        with TestClient(create_app(captioner, ServeSettings(), child)) as c:
+            yield c
+    finally:
+        if child is not None:
+            child.close()
 
 
 def serving(captioner: Captioner, **settings) -> TestClient:
@@ -358,18 +362,17 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_killed_model_process_answers_503_then_a_new_one_serves(captioner: Captioner, tiny: Path) -> None:
-    spec = ModelSpec(tiny, device="cpu", precision="fp32")
+    child = ModelProcess(ModelSpec(tiny, device="cpu", precision="fp32"))
     files = [("image", ("a.jpg", jpeg(1), "image/jpeg"))]
-    with TestClient(create_app(captioner, ServeSettings(), spec)) as c:
+    with TestClient(create_app(captioner, ServeSettings(), child)) as c:
         first = c.post("/v1/caption", files=files).json()["results"][0]["caption"]
-        runner = c.app.state.service.runner
-        os.kill(runner._process.pid, signal.SIGKILL)  # out of memory, or a stray kill
-        runner._process.join(10)
+        os.kill(child._process.pid, signal.SIGKILL)  # out of memory, or a stray kill
         dead = c.post("/v1/caption", files=files)
-        assert dead.status_code == 503 and dead.headers["retry-after"] == "1"
+        assert dead.status_code == 503 and dead.headers["retry-after"] == "1"  # at once, not after a reload
         assert "model process stopped (exit code -9)" in dead.json()["error"]
-        assert c.post("/v1/caption", files=files).json()["results"][0]["caption"] == first
-    assert not runner._process.is_alive()  # shutdown stopped the new child too
+        assert c.post("/v1/caption", files=files).json()["results"][0]["caption"] == first  # the new child
+    child.close()
+    assert not child._process.is_alive() and child._process.exitcode == 0  # the new child, stopped cleanly
 
 
 def test_the_model_process_ends_with_its_server(tiny: Path) -> None:
@@ -393,6 +396,13 @@ def test_the_command_captions_in_a_model_process_unless_told_otherwise(
         result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny), "--device", "cpu", *flags])
         assert result.exit_code == 0, result.output
         service = seen[-1].state.service
-        assert (service.model is not None) == in_child and service.settings.model_process == in_child
+        assert isinstance(service.runner, ModelProcess) == in_child and service.settings.model_process == in_child
         assert str(next(service.captioner.model.parameters()).device) == "cpu"
+        if in_child:
+            assert not service.runner._process.is_alive()  # stopped when the server stopped
+
+
+def test_a_device_or_precision_the_child_cannot_have_is_one_line_before_it_starts(tiny: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny), "--device", "cpu", "--precision", "fp16"])
+    assert result.exit_code == 1 and "fp16" in result.output and "Traceback" not in result.output
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,7 +151,8 @@ def test_recorded_steps_replay_into_the_same_buffers(monkeypatch: pytest.MonkeyP
     model.step_graphs = steps
     growing = model.begin
 
-    def begin(memory: torch.Tensor, per_image: int = 1, static_len: int | None = None, compiled: bool = False):
+    def begin(memory: torch.Tensor, per_image: int = 1, static_len: int | None = None, record: bool = False,
+              compiled: bool = False):
         if static_len is None:  # recording on the CPU
             return growing(memory, per_image=per_image)
         return steps.stepper(model.decoder, memory, per_image=per_image, capacity=static_len, record=True)
@@ -254,6 +256,26 @@ def test_compiled_steps_give_the_growing_caches_captions() -> None:
     assert [s.run is model.step_graphs._compiled for s in model.step_graphs._kept.values()] == [True, True]
 
 
+@pytest.mark.parametrize(("static", "compiled", "device", "expected"), [
+    (True, False, "cuda", dict(static_len=12, record=True, compiled=False)),
+    (False, True, "cuda", dict(static_len=12, record=False, compiled=True)),  # --compile --no-cuda-graph
+    (True, True, "cuda", dict(static_len=12, record=True, compiled=True)),
+    (True, True, "cpu", dict(static_len=12, record=False, compiled=True)),
+    (False, False, "cuda", dict(static_len=None, record=False, compiled=False)),
+])
+def test_a_search_records_only_what_it_was_asked_to(static: bool, compiled: bool, device: str, expected: dict) -> None:
+    """CUDA graphs only for `static` on a GPU: --no-cuda-graph holds with --compile too."""
+    from captioner import decoding
+
+    class Model:
+        def begin(self, memory, **kw):
+            self.asked = kw
+
+    model, memory = Model(), SimpleNamespace(device=torch.device(device))
+    decoding._steps(model, memory, OPTS, static=static, compiled=compiled)
+    assert model.asked == dict(per_image=1, **expected)
+
+
 def test_a_failed_compile_decodes_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(fn, **kw):
         def compiled(*args):
@@ -265,5 +287,7 @@ def test_a_failed_compile_decodes_eagerly(monkeypatch: pytest.MonkeyPatch) -> No
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _same(greedy(model, images, OPTS, compiled=True), greedy(model, images, OPTS, static=False))
-    assert "without torch.compile" in str(caught[0].message) and "C++ compiler" in str(caught[0].message)
+        _same(greedy(model, _images(4), OPTS, compiled=True), greedy(model, _images(4), OPTS, static=False))
+    said = [str(w.message) for w in caught if "without torch.compile" in str(w.message)]
+    assert len(said) == 1 and "C++ compiler" in said[0]  # once, not again for the second shape
     assert all(s.run == model.decoder.step for s in model.step_graphs._kept.values())

@@ -112,18 +112,19 @@ class CaptionModel(nn.Module):
     # -- incremental decoding ---------------------------------------------------------------------------
 
     def begin(self, memory: torch.Tensor, *, per_image: int = 1, static_len: int | None = None,
-              compiled: bool = False) -> Stepper:
+              record: bool = False, compiled: bool = False) -> Stepper:
         """The one way into incremental decoding: a `Stepper` over memory (B, N, D), per_image rows per image.
 
-        static_len: fixed-size caches of that many positions, reused across calls of the same shape and, on
-        a GPU, the step replayed from a CUDA graph (graphs.py); None: caches that grow, made afresh.
-        compiled: the fixed-size step under torch.compile (needs static_len).
+        static_len: fixed-size caches of that many positions, reused across calls of the same shape
+        (graphs.py); None: caches that grow, made afresh. With fixed-size caches, record: the step replayed
+        from a CUDA graph (a GPU's memory only); compiled: the step under torch.compile.
         """
         if static_len is None:
-            assert not compiled, "only fixed-size steps are compiled: give static_len"
+            assert not (record or compiled), "only fixed-size steps are recorded or compiled: give static_len"
             return Stepper(self.decoder, self.decoder.start(memory, per_image=per_image))
+        assert not record or memory.device.type == "cuda", "CUDA graphs record steps on a GPU only"
         return self.step_graphs.stepper(self.decoder, memory, per_image=per_image, capacity=static_len,
-                                        record=memory.device.type == "cuda", compiled=compiled)
+                                        record=record, compiled=compiled)
 
     # -- optimisation -------------------------------------------------------------------------------------
 

@@ -93,7 +93,9 @@ class StepGraphs:
         if kept is None:
             if compiled and self._compiled is None:
                 self._compiled = torch.compile(decoder.step, dynamic=False)  # shapes are fixed per state
-            kept = _new(decoder, memory, per_image, capacity, record, self._compiled if compiled else decoder.step)
+            kept = _new(decoder, memory, per_image, capacity, record, self._compiled if compiled else None)
+            if compiled and kept.run == decoder.step:  # compiling failed: say so once, not at every new shape
+                self._compiled = decoder.step
             self._kept[key] = kept
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
@@ -113,11 +115,11 @@ def _key(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capa
 
 
 def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool,
-         run: StepFn) -> Stepper:
+         compiled: StepFn | None) -> Stepper:
     state = decoder.start(memory, per_image=per_image, capacity=capacity)
     tokens = torch.zeros(state.batch_size, dtype=torch.long, device=memory.device)
-    if run is not decoder.step:
-        run = _compile_now(run, decoder, state, tokens)
+    run = decoder.step if compiled is None or compiled == decoder.step else _compile_now(compiled, decoder, state,
+                                                                                         tokens)
     graph = logits = None
     if record:
         try:

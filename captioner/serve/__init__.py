@@ -3,6 +3,7 @@
     settings.py  ServeSettings (limits, the token) and the rule that an exposed host needs a token
     uploads.py   uploaded bytes -> model inputs through the one image loader (the CLI's messages)
     batcher.py   gathers concurrent requests for a few milliseconds and captions them as one batch
+    runner.py    the model in a process of its own (the default), which captions the batcher's batches
     app.py       the FastAPI application: routes, the body limit, errors as {"error": "..."}
     server.py    uvicorn, which finishes in-flight requests on SIGINT/SIGTERM before it exits
     static/      the page at / (HTML, JS, CSS; no CDN, no build step)

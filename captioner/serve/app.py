@@ -37,7 +37,7 @@ from captioner.errors import ConfigError, ImageError, printable
 from captioner.overlay import check_layer, heatmap_overlay, parse_layer, select_maps
 from captioner.results import caption_record
 from captioner.serve.batcher import Admission, Batcher, QueueFull, ShuttingDown
-from captioner.serve.runner import ModelProcess, ModelProcessError, ModelSpec
+from captioner.serve.runner import ModelProcess, ModelProcessError
 from captioner.serve.settings import MB, ServeSettings
 from captioner.serve.uploads import Upload, UploadReader, private_folder, upload_name
 
@@ -65,18 +65,17 @@ class Refusal(Exception):
 class Service:
     """What the routes share: the model, the settings, and (while running) the batcher and the threads."""
 
-    def __init__(self, captioner: Captioner, settings: ServeSettings, model: ModelSpec | None) -> None:
+    def __init__(self, captioner: Captioner, settings: ServeSettings, model: ModelProcess | None) -> None:
         self.captioner = captioner  # opens images, knows the vocabulary; captions too unless `model` is given
         self.settings = settings
-        self.model = model
+        self.runner: Captioner | ModelProcess = captioner if model is None else model  # what captions batches
         self.info = model_info(captioner)
+        if model is not None:
+            self.info.update(model.info)  # the device and dtype the model runs in, in its process
 
     def start(self) -> None:
-        """Start the model process (if any), the batcher and the threads that open images (in the event loop)."""
+        """Start the batcher and the threads that open images (inside the running event loop)."""
         s = self.settings
-        self.runner: Captioner | ModelProcess = self.captioner if self.model is None else ModelProcess(self.model)
-        if self.model is not None:
-            self.info.update(self.runner.info)  # the device and dtype the model runs in, in its process
         self.batcher = Batcher(self.runner, max_batch=s.max_batch, wait_s=s.batch_wait_ms / 1000,
                                queue_limit=s.queue_limit)
         self.batcher.start()
@@ -87,8 +86,6 @@ class Service:
     async def stop(self) -> None:
         """Stop once the server has answered its in-flight requests."""
         await self.batcher.stop()
-        if isinstance(self.runner, ModelProcess):
-            self.runner.close()
         self.threads.shutdown(wait=True)
         self.folder.cleanup()
 
@@ -280,10 +277,11 @@ async def model(request: Request) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(captioner: Captioner, settings: ServeSettings, model: ModelSpec | None = None) -> FastAPI:
+def create_app(captioner: Captioner, settings: ServeSettings, model: ModelProcess | None = None) -> FastAPI:
     """The application serving one model: the page at /, the API under /v1, /healthz, OpenAPI docs at /docs.
 
-    model: caption in a process of its own that loads this run (runner.py); None: with `captioner`, here.
+    model: a started process that captions the batches (runner.py; its owner stops it after the app);
+    None: `captioner` captions them, here.
     """
     app = FastAPI(title="captioner", version=__version__, lifespan=_lifespan,
                   description="Caption images, and see where the model looked for each word.")
