@@ -25,8 +25,8 @@ def serve(settings: ServeSettings, *, model: str | Path | None = None, which: st
     """Load a run (default: the newest under ./runs) and serve it until SIGINT or SIGTERM.
 
     With `settings.model_process` the model captions in a child process that loads the run on `device`
-    (started here, before the server, and stopped after it); this process keeps a CPU copy of the run to
-    open images and describe the model.
+    (started here, before the server, and stopped after it); this process keeps the run's vocabulary,
+    preprocessing and config to open images and describe the model, and frees the weights.
     """
     precision_plan(precision, resolve_device(device))  # a device or precision that is not there: one line now
     if not settings.model_process:
@@ -36,6 +36,7 @@ def serve(settings: ServeSettings, *, model: str | Path | None = None, which: st
     captioner = Captioner.load(model, which=which, device="cpu", precision="fp32")
     child = ModelProcess(ModelSpec(captioner.run.run_dir, which=captioner.run.which, device=device,
                                    precision=precision, threads=torch.get_num_threads(), decoding=settings.decoding))
+    captioner.model.to("meta")  # this process never runs the model: keep its shapes and config, free its weights
     try:
         _run(create_app(captioner, settings, child), settings)
     finally:
