@@ -77,6 +77,7 @@ class StepGraphs:
     def __init__(self) -> None:
         self._kept: OrderedDict[tuple, Stepper] = OrderedDict()
         self._compiled: StepFn | None = None  # the decoder's step under torch.compile, made on first use
+        self._compile_failed = False  # then later shapes decode eagerly without trying (and warning) again
 
     def __deepcopy__(self, memo: dict) -> StepGraphs:
         return StepGraphs()  # recordings point at the original's memory
@@ -91,11 +92,10 @@ class StepGraphs:
         key = _key(decoder, memory, per_image, capacity, record, compiled)
         kept = self._kept.get(key)
         if kept is None:
-            if compiled and self._compiled is None:
-                self._compiled = torch.compile(decoder.step, dynamic=False)  # shapes are fixed per state
-            kept = _new(decoder, memory, per_image, capacity, record, self._compiled if compiled else None)
-            if compiled and kept.run == decoder.step:  # compiling failed: say so once, not at every new shape
-                self._compiled = decoder.step
+            state = decoder.start(memory, per_image=per_image, capacity=capacity)
+            tokens = torch.zeros(state.batch_size, dtype=torch.long, device=memory.device)
+            run = self._compiled_step(decoder, state, tokens) if compiled else decoder.step
+            kept = _new(decoder, memory, state, tokens, run, record)
             self._kept[key] = kept
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
@@ -103,6 +103,23 @@ class StepGraphs:
             self._kept.move_to_end(key)
             _restart(decoder, kept.state, memory)
         return kept
+
+    def _compiled_step(self, decoder: TransformerDecoder, state: DecoderState, tokens: torch.Tensor) -> StepFn:
+        """The step under torch.compile, compiled for this state's shape now (not inside a search); the eager
+        step if it cannot be compiled (no C++ compiler, an op the compiler refuses)."""
+        if self._compile_failed:
+            return decoder.step
+        if self._compiled is None:
+            self._compiled = torch.compile(decoder.step, dynamic=False)  # shapes are fixed per state
+        try:
+            self._compiled(tokens, state)
+            state.index.zero_()  # stay inside the capacity, however small, for a recording's warm-up
+        except Exception as e:  # noqa: BLE001 (whatever the compiler raises: the same step, eager)
+            warnings.warn(f"decoding without torch.compile: compiling the step failed ({type(e).__name__}: {e})",
+                          stacklevel=3)
+            self._compile_failed = True
+            return decoder.step
+        return self._compiled
 
 
 def _key(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool,
@@ -114,32 +131,17 @@ def _key(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capa
             addresses, decoder.position_table(capacity, memory).data_ptr())
 
 
-def _new(decoder: TransformerDecoder, memory: torch.Tensor, per_image: int, capacity: int, record: bool,
-         compiled: StepFn | None) -> Stepper:
-    state = decoder.start(memory, per_image=per_image, capacity=capacity)
-    tokens = torch.zeros(state.batch_size, dtype=torch.long, device=memory.device)
-    run = decoder.step if compiled is None or compiled == decoder.step else _compile_now(compiled, decoder, state,
-                                                                                         tokens)
+def _new(decoder: TransformerDecoder, memory: torch.Tensor, state: DecoderState, tokens: torch.Tensor, run: StepFn,
+         record: bool) -> Stepper:
+    """A stepper of a fresh static state whose step is `run`, recorded as a CUDA graph when `record`."""
     graph = logits = None
     if record:
         try:
             graph, logits = _record(run, state, tokens)
         except RuntimeError as e:  # an op this torch or driver cannot record: the same step, launched op by op
             warnings.warn(f"decoding without a CUDA graph: recording the step failed ({e})", stacklevel=3)
-    _restart(decoder, state, memory)  # warm-up steps wrote into the caches and moved the position
+    _restart(decoder, state, memory)  # a compile's or a recording's warm-up steps wrote into the caches
     return Stepper(decoder, state, tokens=tokens, graph=graph, logits=logits, run=run)
-
-
-def _compile_now(compiled: StepFn, decoder: TransformerDecoder, state: DecoderState, tokens: torch.Tensor) -> StepFn:
-    """Run the compiled step once, so it compiles here (not inside a search); the eager step if it cannot."""
-    try:
-        compiled(tokens, state)
-        state.index.zero_()
-        return compiled
-    except Exception as e:  # noqa: BLE001 (no C++ compiler, an op the compiler refuses: the same step, eager)
-        warnings.warn(f"decoding without torch.compile: compiling the step failed ({type(e).__name__}: {e})",
-                      stacklevel=4)
-        return decoder.step
 
 
 def _restart(decoder: TransformerDecoder, state: DecoderState, memory: torch.Tensor) -> None:
